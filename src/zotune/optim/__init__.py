@@ -1,0 +1,36 @@
+"""Zeroth-order optimizers with a ``torch.optim`` interface.
+
+    >>> import torch, zotune.optim as zo
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    >>> opt = zo.create("mezo", [w], lr=0.05, eps=1e-3)
+    >>> for _ in range(200):
+    ...     _ = opt.step(lambda: (w ** 2).sum())
+    >>> bool((w ** 2).sum() < 1.0)
+    True
+"""
+
+from zotune.optim.engine import NonFiniteLoss, ZOOptimizer, trainable_param_groups
+from zotune.optim.registry import available, create, get, register
+from zotune.optim.zo_adam import ZOAdam
+from zotune.optim.zo_conservative import ZOSGDConservative
+from zotune.optim.zo_momentum import ZOSGDMomentum
+from zotune.optim.zo_sgd import ZOSGD
+from zotune.optim.zo_sign import ZOSGDSign
+
+for _cls in (ZOSGD, ZOSGDMomentum, ZOSGDConservative, ZOSGDSign, ZOAdam):
+    register(_cls)
+
+__all__ = [
+    "ZOSGD",
+    "NonFiniteLoss",
+    "ZOAdam",
+    "ZOOptimizer",
+    "ZOSGDConservative",
+    "ZOSGDMomentum",
+    "ZOSGDSign",
+    "available",
+    "create",
+    "get",
+    "register",
+    "trainable_param_groups",
+]

@@ -1,0 +1,564 @@
+"""The SPSA engine shared by every zotune optimizer.
+
+:class:`ZOOptimizer` owns everything that is the same for all zeroth-order methods:
+
+* **seeding** -- step ``t`` draws its directions from ``mix_seed(seed, t, sample)``; the
+  step counter is the whole RNG position, so a checkpoint resumes the same trajectory;
+* **perturbation** -- :meth:`ZOOptimizer._displace` moves the parameters along a direction
+  ``u`` regenerated block by block from the seed (never materialised in full, see
+  :mod:`zotune.optim.noise`), on several worker threads;
+* **restore + update** -- :meth:`ZOOptimizer._update` undoes the pending displacement and
+  applies the method's update rule in the *same* pass over each block, so one step costs
+  the forwards plus three regenerations of z (MeZO's reference code needs four);
+* **safety** -- if the closure raises, or a loss is NaN/inf, the parameters are restored
+  before the exception propagates (NaN steps are skipped and counted in
+  ``optimizer.zo_state["skipped_steps"]``);
+* **precision** -- bf16/fp16 parameters get an fp32 master copy: perturbed weights are
+  written as ``round(master + c*u)`` and restored as ``round(master)``, so they never drift,
+  and updates smaller than a low-precision ulp are not lost. All optimizer state is fp32.
+  fp32 parameters are perturbed in place; the +c/-2c/+c round trip then restores them to
+  within one rounding (a few 1e-8 relative). ``exact_restore=True`` keeps an fp32 shadow
+  copy (+1x trainable parameters) and makes restores bit-exact;
+* **data parallelism** -- with a ``process_group``, every rank draws the same directions and
+  only the loss scalars are all-reduced (see :mod:`zotune.distributed`).
+
+A method is a subclass that implements :meth:`ZOOptimizer._zo_step` (its sequence of
+forwards and displacements) and usually :meth:`ZOOptimizer.direction` (how the raw noise
+becomes the perturbation direction) and :meth:`ZOOptimizer.init_state`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zotune.distributed import local_rows_of
+from zotune.optim.noise import (
+    DEFAULT_BLOCK_SIZE,
+    DISTRIBUTIONS,
+    BlockLayout,
+    block_seed,
+    fill_noise,
+    mix_seed,
+)
+
+Closure = Callable[[], Any]
+Coefficient = float | Sequence[float] | Callable[[dict], float]
+#: ``noises[i][t]``: stream ``t`` of the raw noise of seed ``i`` for one block.
+Noises = list[list[torch.Tensor]]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteLoss(Exception):
+    """Raised inside a step when a loss is NaN or infinite; the step is skipped."""
+
+    def __init__(self, losses: Sequence[float]):
+        super().__init__(f"non-finite loss in ZO step: {list(losses)}")
+        self.losses = list(losses)
+
+
+@dataclass
+class _Slot:
+    """One trainable parameter as the engine sees it (its local rows, if sharded)."""
+
+    param: torch.Tensor
+    index: int  # global index in the optimizer (part of the noise contract)
+    group_index: int
+    layout: BlockLayout  # of the *global* shape
+    row_offset: int  # first global row held locally
+    data: torch.Tensor  # (local_rows, row_len) view of the parameter storage
+    master: torch.Tensor | None  # fp32 (local_rows, row_len) copy, or None (in-place fp32)
+
+    @property
+    def local_rows(self) -> int:
+        return self.data.shape[0]
+
+
+class Block:
+    """The part of one parameter that a kernel works on: rows ``[r0, r1)`` of its local view.
+
+    ``param`` is the fp32 tensor an update must modify (the master copy for low-precision
+    parameters); :meth:`view` slices any state tensor shaped like the parameter the same way.
+    """
+
+    __slots__ = ("group", "param", "r0", "r1", "slot", "state")
+
+    def __init__(self, slot: _Slot, r0: int, r1: int, group: dict, state: dict):
+        self.slot, self.r0, self.r1, self.group, self.state = slot, r0, r1, group, state
+        target = slot.master if slot.master is not None else slot.data
+        self.param = target[r0:r1]
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of this block in a tensor with the parameter's (local) shape."""
+        return tensor.view(self.slot.local_rows, -1)[self.r0 : self.r1]
+
+    @property
+    def name(self) -> str:
+        return f"param{self.slot.index}[{self.r0}:{self.r1}]"
+
+
+def is_no_decay(module: nn.Module, param_name: str) -> bool:
+    """Biases and normalisation weights get no weight decay (MeZO's OPT rule)."""
+    return param_name.endswith("bias") or "norm" in type(module).__name__.lower()
+
+
+def trainable_param_groups(module: nn.Module, weight_decay: float = 0.0) -> list[dict]:
+    """Parameter groups of a module's trainable parameters, in ``named_parameters`` order.
+
+    With ``weight_decay > 0`` biases and normalisation weights go to a group without decay.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module_name, sub in module.named_modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if is_no_decay(sub, f"{module_name}.{name}") else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the module has no trainable parameters (requires_grad=True)")
+    if weight_decay == 0.0:
+        # keep named_parameters order for one group
+        ordered = [p for p in module.parameters() if p.requires_grad]
+        return [{"params": ordered}]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class of zotune's zeroth-order optimizers (see the module docstring).
+
+    Args:
+        params: an iterable of tensors or parameter-group dicts (as for any
+            ``torch.optim.Optimizer``), or an ``nn.Module``: then its trainable parameters
+            are used, split into decay/no-decay groups, and the module is put in eval mode
+            for the forwards of every step.
+        defaults: per-group hyperparameters (``lr``, ``weight_decay``, ...).
+        eps: perturbation scale (MeZO's ``zo_eps``; one value for all groups).
+        seed: base seed of the direction stream.
+        distribution: ``"gaussian"`` (default) or ``"rademacher"``.
+        block_size: elements per noise block (part of the noise contract).
+        num_threads: worker threads for CPU passes (default: ``torch.get_num_threads()``,
+            at most 4). The result does not depend on it.
+        exact_restore: keep an fp32 shadow copy of fp32 parameters so restores are
+            bit-exact (+1x trainable parameter memory). Low-precision parameters always
+            have an fp32 master.
+        noise_device: generate noise on this device instead of the parameter's own.
+        process_group: a ``torch.distributed`` group for data parallelism, or ``None``.
+        check_every: with a process group, verify every this many steps that all ranks
+            hold identical parameters (0: never).
+    """
+
+    #: forward passes per step (for documentation and benchmarks)
+    forwards_per_step: int = 2
+    #: independent normal streams the direction needs per seed
+    noise_streams: int = 1
+    #: d-sized fp32 state buffers the method keeps (memory accounting)
+    state_buffers: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | nn.Module,
+        defaults: dict[str, Any],
+        *,
+        eps: float = 1e-3,
+        seed: int = 0,
+        distribution: str = "gaussian",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_threads: int | None = None,
+        exact_restore: bool = False,
+        noise_device: str | torch.device | None = None,
+        process_group: Any = None,
+        check_every: int = 0,
+    ):
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if defaults.get("lr", 0.0) < 0:
+            raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.module: nn.Module | None = None
+        if isinstance(params, nn.Module):
+            self.module = params
+            params = trainable_param_groups(params, defaults.get("weight_decay", 0.0))
+        super().__init__(params, defaults)
+        self.eps = float(eps)
+        self.distribution = distribution
+        self.block_size = int(block_size)
+        self.exact_restore = bool(exact_restore)
+        self.noise_device = torch.device(noise_device) if noise_device is not None else None
+        self.num_threads = num_threads
+        self.process_group = process_group
+        self.check_every = int(check_every)
+        #: global scalars: saved by state_dict(), restored by load_state_dict()
+        self.zo_state: dict[str, Any] = {
+            "seed": int(seed),
+            "step": 0,
+            "skipped_steps": 0,
+            "updates": 0,
+            "forwards": 0,
+            "last_losses": [],
+            "last_projected_grads": [],
+        }
+        self._slots: list[_Slot] | None = None
+        self._pending: dict[int, list[float]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ method hooks
+    def init_state(self, param: torch.Tensor, state: dict) -> None:
+        """Create the per-parameter state (fp32 tensors of the parameter's local shape)."""
+
+    @staticmethod
+    def zeros_state(param: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A state buffer for ``param``: its local shape, fp32 (fp64 for fp64 parameters)."""
+        local, _, _ = local_rows_of(param)
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        return torch.full(local.shape, fill, dtype=dtype, device=local.device)
+
+    def direction(self, block: Block, noise: list[torch.Tensor]) -> torch.Tensor:
+        """The perturbation direction u for one block, from its raw noise streams."""
+        return noise[0]
+
+    def _zo_step(self, closure: Closure) -> float:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One zeroth-order step. ``closure()`` runs a forward pass and returns the loss.
+
+        The closure must not call ``backward()``; it may return any scalar to minimise
+        (a loss, a negative accuracy, ...). It is called under ``torch.no_grad()`` and, if
+        the optimizer was built from a module, with that module in eval mode. Returns the
+        loss estimate of this step (the method's ``L(theta)`` or the mean of ``L(theta +- eps u)``).
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that runs a forward pass and "
+                "returns the loss (zeroth-order optimizers do not use .grad)"
+            )
+        self._prepare()
+        module, was_training = self.module, bool(self.module is not None and self.module.training)
+        if module is not None:
+            module.eval()
+        self._pending = {}
+        try:
+            loss = self._zo_step(closure)
+            self.zo_state["updates"] += 1
+        except NonFiniteLoss as e:
+            self._restore_pending()
+            self.zo_state["skipped_steps"] += 1
+            self.zo_state["last_losses"] = e.losses
+            loss = float("nan")
+        except BaseException:
+            self._restore_pending()
+            raise
+        finally:
+            if module is not None and was_training:
+                module.train()
+        self.zo_state["step"] += 1
+        self._after_step()
+        return torch.tensor(loss, dtype=torch.float32)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """ZO optimizers never read ``.grad``; this only clears stray gradients."""
+        super().zero_grad(set_to_none=set_to_none)
+
+    @property
+    def step_count(self) -> int:
+        return int(self.zo_state["step"])
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["zotune"] = {
+            **{k: (list(v) if isinstance(v, list) else v) for k, v in self.zo_state.items()},
+            "eps": self.eps,
+            "distribution": self.distribution,
+            "block_size": self.block_size,
+            "class": type(self).__name__,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = dict(state_dict.get("zotune", {}))
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter dtype; zotune state is fp32
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            for key, value in saved.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    self.state[p][key] = value.detach().to(device=p.device, dtype=dtype).clone()
+        if extra:
+            cls = extra.pop("class", type(self).__name__)
+            if cls != type(self).__name__:
+                raise ValueError(f"state_dict is from {cls}, not {type(self).__name__}")
+            self.eps = float(extra.pop("eps", self.eps))
+            self.distribution = extra.pop("distribution", self.distribution)
+            self.block_size = int(extra.pop("block_size", self.block_size))
+            self.zo_state.update(extra)
+        self._slots = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._slots = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        state["_pool_lock"] = None
+        state["_slots"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pool_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ building blocks for methods
+    def _seed(self, sample: int = 0) -> int:
+        """Seed of direction ``sample`` of the current step (pure function of seed, step)."""
+        return mix_seed(self.zo_state["seed"], self.zo_state["step"], sample)
+
+    def _forward(self, closure: Closure) -> float:
+        """Run the closure once and return its (local) loss as a float."""
+        loss = closure()
+        self.zo_state["forwards"] += 1
+        if torch.is_tensor(loss):
+            return float(loss.detach().float().mean().item())
+        return float(loss)
+
+    def _reduce(self, *losses: float) -> list[float]:
+        """Average losses over the data-parallel group and refuse non-finite ones."""
+        values = list(losses)
+        if self.process_group is not None:
+            from zotune.distributed import all_reduce_mean
+
+            values = all_reduce_mean(values, self.process_group, self._comm_device())
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLoss(values)
+        return values
+
+    def _two_point(self, closure: Closure, seed: int) -> tuple[float, float]:
+        """Evaluate L(theta + eps u) and L(theta - eps u); leaves theta displaced by -eps u."""
+        self._displace(seed, self.eps)
+        plus = self._forward(closure)
+        self._displace(seed, -2.0 * self.eps)
+        minus = self._forward(closure)
+        plus, minus = self._reduce(plus, minus)
+        return plus, minus
+
+    def _displace(self, seed: int, coef: Coefficient) -> None:
+        """Move the parameters by ``coef * u(seed)`` (``coef`` may depend on the group)."""
+        if callable(coef):
+            coefs = [float(coef(g)) for g in self.param_groups]
+        elif isinstance(coef, Sequence):
+            coefs = [float(c) for c in coef]
+        else:
+            coefs = [float(coef)] * len(self.param_groups)
+        before = self._pending.get(seed, [0.0] * len(coefs))
+        after = [b + c for b, c in zip(before, coefs)]
+
+        def kernel(block: Block, noises: Noises) -> None:
+            gi = block.slot.group_index
+            if coefs[gi] == 0.0:
+                return
+            u = self.direction(block, noises[0])
+            rows = block.slot.data[block.r0 : block.r1]
+            if block.slot.master is None:
+                rows.add_(u, alpha=coefs[gi])
+            else:
+                rows.copy_(torch.add(block.param, u, alpha=after[gi]))
+
+        self._sweep([seed], kernel)
+        self._pending[seed] = after
+
+    def _restore(self, seed: int) -> None:
+        """Undo the pending displacement along ``u(seed)``."""
+        offsets = self._pending.get(seed)
+        if offsets is None:
+            return
+        self._displace(seed, [-o for o in offsets])
+        del self._pending[seed]
+
+    def _update(self, seeds: Sequence[int], kernel: Callable[[Block, Noises], None]) -> None:
+        """One pass: undo pending displacements of ``seeds``, then apply ``kernel`` per block.
+
+        ``kernel(block, noises)`` updates ``block.param`` (fp32) and the method's state;
+        ``noises[i]`` are the raw noise streams of ``seeds[i]``. Displacements of seeds not in
+        ``seeds`` must have been restored before.
+        """
+        leftover = set(self._pending) - set(seeds)
+        if leftover:
+            raise RuntimeError(f"pending displacements {sorted(leftover)} must be restored first")
+        offsets = [self._pending.pop(s, None) for s in seeds]
+
+        def fused(block: Block, noises: Noises) -> None:
+            gi = block.slot.group_index
+            if block.slot.master is None:
+                for off, noise in zip(offsets, noises):
+                    if off is not None and off[gi] != 0.0:
+                        block.param.add_(self.direction(block, noise), alpha=-off[gi])
+            kernel(block, noises)
+            if block.slot.master is not None:
+                block.slot.data[block.r0 : block.r1].copy_(block.param)
+
+        self._sweep(list(seeds), fused)
+
+    def _restore_pending(self) -> None:
+        """Put the parameters back where the step started (after an exception/NaN)."""
+        if not self._pending:
+            return
+        slots = self._slots or []
+        if slots and all(s.master is not None for s in slots):
+            for s in slots:
+                s.data.copy_(s.master)
+        else:
+            for seed in list(self._pending):
+                self._restore(seed)
+        self._pending = {}
+
+    def _after_step(self) -> None:
+        """Hook run after every step (the distributed checksum lives here)."""
+        if self.process_group is not None:
+            from zotune.distributed import maybe_check_replicas
+
+            maybe_check_replicas(self)
+
+    # ------------------------------------------------------------------ the block sweep
+    def _prepare(self) -> None:
+        if self._slots is None:
+            self._slots = self._build_slots()
+        for slot in self._slots:
+            state = self.state[slot.param]
+            if not state.get("_initialised", False):
+                self.init_state(slot.param, state)
+                state["_initialised"] = True
+        if self.exact_restore:
+            for slot in self._slots:
+                if slot.param.dtype not in LOW_PRECISION and slot.master is not None:
+                    slot.master.copy_(slot.data)  # refresh the shadow in case weights were edited
+
+    def _build_slots(self) -> list[_Slot]:
+
+
+        slots: list[_Slot] = []
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                local, row_offset, global_shape = local_rows_of(p)
+                if not local.is_contiguous():
+                    raise ValueError(
+                        f"parameter {index} (shape {tuple(p.shape)}) is not contiguous; zotune perturbs "
+                        "parameters in place and needs contiguous storage"
+                    )
+                layout = BlockLayout.for_shape(global_shape, self.block_size)
+                data = local.view(-1, layout.row_len) if local.numel() else local.view(0, max(layout.row_len, 1))
+                master = None
+                state = self.state[p]
+                if p.dtype in LOW_PRECISION:
+                    if "master" not in state:
+                        state["master"] = local.detach().to(torch.float32).clone()
+                    master = state["master"].view(data.shape)
+                elif self.exact_restore:
+                    shadow = getattr(self, "_shadows", None)
+                    if shadow is None:
+                        shadow = self._shadows = {}
+                    if id(p) not in shadow:
+                        shadow[id(p)] = data.detach().clone()
+                    master = shadow[id(p)]
+                elif p.dtype not in (torch.float32, torch.float64):
+                    raise ValueError(
+                        f"unsupported parameter dtype {p.dtype}; use float32, bfloat16, float16 (or float64)"
+                    )
+                slots.append(_Slot(p, index, gi, layout, row_offset, data, master))
+                index += 1
+        return slots
+
+    def _work_items(self) -> list[tuple[_Slot, int, int, int, int, int]]:
+        """(slot, block j, local r0, local r1, noise-row start, noise-row stop) per block."""
+        items = []
+        for slot in self._slots or []:
+            lo, hi = slot.row_offset, slot.row_offset + slot.local_rows
+            for j in slot.layout.blocks_overlapping(lo, hi):
+                b0, b1 = slot.layout.block_rows(j)
+                r0, r1 = max(b0, lo), min(b1, hi)
+                items.append((slot, j, r0 - lo, r1 - lo, r0 - b0, r1 - b0))
+        return items
+
+    def _threads(self) -> int:
+        if self.num_threads is not None:
+            return max(1, int(self.num_threads))
+        if any(s.data.device.type != "cpu" for s in self._slots or []):
+            return 1
+        return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1))
+
+    def _sweep(self, seeds: Sequence[int], kernel: Callable[[Block, Noises], None]) -> None:
+        """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each block."""
+        items = self._work_items()
+        nthreads = min(self._threads(), max(1, len(items)))
+        streams = self.noise_streams
+        groups = self.param_groups
+        max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []), default=1)
+
+        def run(worker: int) -> None:
+            buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+            def buffer(device: torch.device, k: int) -> torch.Tensor:
+                key = (str(device), k)
+                if key not in buffers:
+                    buffers[key] = torch.empty(max_block, dtype=torch.float32, device=device)
+                return buffers[key]
+
+            for slot, j, r0, r1, n0, n1 in items[worker::nthreads]:
+                b0, b1 = slot.layout.block_rows(j)
+                shape = (b1 - b0, slot.layout.row_len)
+                count = shape[0] * shape[1]
+                device = slot.data.device
+                gen_device = self.noise_device or device
+                noises: Noises = []
+                for si, seed in enumerate(seeds):
+                    streams_z = []
+                    for t in range(streams):
+                        k = si * streams + t
+                        z = buffer(gen_device, k)[:count].view(shape)
+                        fill_noise(z, block_seed(seed, slot.index, j, t), self.distribution)
+                        if gen_device != device:
+                            z = buffer(device, k)[:count].view(shape).copy_(z)
+                        streams_z.append(z[n0:n1])
+                    noises.append(streams_z)
+                kernel(Block(slot, r0, r1, groups[slot.group_index], self.state[slot.param]), noises)
+
+        if nthreads == 1:
+            run(0)
+            return
+        with self._pool_lock:
+            if self._pool is None or self._pool._max_workers != nthreads:  # type: ignore[attr-defined]
+                self._pool = ThreadPoolExecutor(nthreads, thread_name_prefix="zotune")
+            futures = [self._pool.submit(run, w) for w in range(nthreads)]
+            for f in futures:
+                f.result()
+
+    def _comm_device(self) -> torch.device:
+        slots = self._slots or []
+        return slots[0].data.device if slots else torch.device("cpu")
+
+    def __repr__(self) -> str:
+        hp = {k: v for k, v in self.defaults.items()}
+        return f"{type(self).__name__}(eps={self.eps}, distribution={self.distribution!r}, {hp})"

@@ -1,0 +1,149 @@
+"""Slow, obviously correct reference implementations (test oracles).
+
+Each reference materialises the full direction z of every parameter (with the same noise
+contract as the fast engine, :func:`zotune.optim.noise.full_noise`), evaluates losses at
+explicitly constructed points ``theta + offset`` (restoring theta from a saved copy), and
+applies the update rule with plain tensor math, exactly as the spec writes it. The fast
+optimizers are tested against these step by step.
+
+They support one parameter group of fp32 tensors, which is all the tests need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from zotune.optim.noise import DEFAULT_BLOCK_SIZE, full_noise, mix_seed
+
+Closure = Callable[[], torch.Tensor | float]
+
+
+class ReferenceZO:
+    """Common machinery: z by (seed, step, sample), loss at theta + offset."""
+
+    def __init__(self, params: Sequence[torch.Tensor], *, eps: float = 1e-3, seed: int = 0,
+                 distribution: str = "gaussian", block_size: int = DEFAULT_BLOCK_SIZE, **hp: float):
+        self.params = list(params)
+        self.eps, self.seed, self.distribution, self.block_size = eps, seed, distribution, block_size
+        self.hp = hp
+        self.step_count = 0
+        self.updates = 0
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+
+    def noise(self, sample: int = 0, stream: int = 0) -> list[torch.Tensor]:
+        s = mix_seed(self.seed, self.step_count, sample)
+        return [
+            full_noise(s, k, p.shape, block_size=self.block_size, distribution=self.distribution,
+                       stream=stream, device=p.device).to(p.dtype)
+            for k, p in enumerate(self.params)
+        ]
+
+    @torch.no_grad()
+    def loss_at(self, closure: Closure, offsets: Sequence[torch.Tensor] | None) -> float:
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            if offsets is not None:
+                for p, o in zip(self.params, offsets):
+                    p.add_(o)
+            loss = closure()
+            return float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
+        finally:
+            for p, s in zip(self.params, saved):
+                p.copy_(s)
+
+    def decay(self) -> None:
+        wd, lr = self.hp.get("weight_decay", 0.0), self.hp["lr"]
+        if wd:
+            for p in self.params:
+                p.mul_(1.0 - lr * wd)
+
+    @torch.no_grad()
+    def step(self, closure: Closure) -> None:
+        self._step(closure)
+        self.step_count += 1
+        self.updates += 1
+
+    def _step(self, closure: Closure) -> None:
+        raise NotImplementedError
+
+    def spsa(self, closure: Closure, directions: list[torch.Tensor]) -> float:
+        eps = self.eps
+        plus = self.loss_at(closure, [eps * u for u in directions])
+        minus = self.loss_at(closure, [-eps * u for u in directions])
+        return (plus - minus) / (2 * eps)
+
+
+class RefZOSGD(ReferenceZO):
+    def _step(self, closure: Closure) -> None:
+        z = self.noise()
+        c = self.spsa(closure, z)
+        self.decay()
+        for p, zk in zip(self.params, z):
+            p.sub_(self.hp["lr"] * c * zk)
+
+
+class RefZOSGDMomentum(ReferenceZO):
+    def _step(self, closure: Closure) -> None:
+        z = self.noise()
+        c = self.spsa(closure, z)
+        self.decay()
+        for p, st, zk in zip(self.params, self.state, z):
+            m = st.setdefault("momentum", torch.zeros_like(p))
+            st["momentum"] = self.hp["momentum"] * m + c * zk
+            p.sub_(self.hp["lr"] * st["momentum"])
+
+
+class RefZOSGDConservative(ReferenceZO):
+    def _step(self, closure: Closure) -> None:
+        z = self.noise()
+        base = self.loss_at(closure, None)
+        c = self.spsa(closure, z)
+        lr = self.hp["lr"]
+        down = self.loss_at(closure, [-lr * c * zk for zk in z])
+        up = self.loss_at(closure, [lr * c * zk for zk in z])
+        # argmin; ties prefer staying, then theta - lr g (min keeps the first minimum)
+        best = min((base, 0.0), (down, -1.0), (up, 1.0), key=lambda t: t[0])[1]
+        if best != 0.0:
+            self.decay()
+            for p, zk in zip(self.params, z):
+                p.add_(best * lr * c * zk)
+
+
+class RefZOSGDSign(ReferenceZO):
+    def _step(self, closure: Closure) -> None:
+        z = self.noise()
+        c = self.spsa(closure, z)
+        sign_c = math.copysign(1.0, c) if c != 0 else 0.0
+        self.decay()
+        for p, zk in zip(self.params, z):
+            d = torch.sign(zk) if self.hp.get("variant", "paper") == "paper" else zk
+            p.sub_(self.hp["lr"] * sign_c * d)
+
+
+class RefZOAdam(ReferenceZO):
+    def _step(self, closure: Closure) -> None:
+        z = self.noise()
+        c = self.spsa(closure, z)
+        b1, b2 = self.hp.get("betas", (0.9, 0.999))
+        t = self.updates + 1
+        self.decay()
+        for p, st, zk in zip(self.params, self.state, z):
+            g = c * zk
+            st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
+            st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
+            m_hat = st["m"] / (1 - b1**t)
+            v_hat = st["v"] / (1 - b2**t)
+            p.sub_(self.hp["lr"] * m_hat / (v_hat.sqrt() + self.hp.get("adam_eps", 1e-8)))
+
+
+#: fast class name -> reference class (the methods' files add theirs)
+REFERENCES: dict[str, type[ReferenceZO]] = {
+    "ZOSGD": RefZOSGD,
+    "ZOSGDMomentum": RefZOSGDMomentum,
+    "ZOSGDConservative": RefZOSGDConservative,
+    "ZOSGDSign": RefZOSGDSign,
+    "ZOAdam": RefZOAdam,
+}

@@ -1,0 +1,73 @@
+"""ZO-Adam (ZO-Bench / MeZO-Adam): the SPSA gradient fed to plain Adam, fp32 moments.
+
+    g = c z;  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
+    theta <- theta - lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + adam_eps)
+
+With SPSA, E[g_i^2] = |grad|^2 + 2 grad_i^2 is almost isotropic in high dimension, so this
+behaves much like SGD normalised by a running |grad| (see the spec, section 2.5).
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+
+
+class ZOAdam(ZOOptimizer):
+    """ZO-Adam. 2 forwards, state: ``exp_avg`` and ``exp_avg_sq`` (2x params, fp32).
+
+    Args:
+        lr: learning rate (ZO-Bench grid 1e-4 ... 1e-8).
+        betas: Adam's (beta1, beta2).
+        adam_eps: Adam's denominator epsilon (``eps`` is the perturbation scale).
+        amsgrad: use max(v_hat) as in AMSGrad / ZO-AdaMM.
+        weight_decay: decoupled (AdamW-style) decay.
+    """
+
+    aliases = ("zo-adam", "zoadam", "zo_adam", "mezo-adam")
+    summary = "Adam on g = c z (bias-corrected, fp32 m and v)"
+    state_buffers = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-5, eps: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 adam_eps: float = 1e-8, amsgrad: bool = False, weight_decay: float = 0.0, **engine):
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        defaults = dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, amsgrad=amsgrad, weight_decay=weight_decay)
+        super().__init__(params, defaults, eps=eps, **engine)
+        if amsgrad:
+            self.state_buffers = (*self.state_buffers, "max_exp_avg_sq")
+
+    def init_state(self, param: torch.Tensor, state: dict) -> None:
+        for name in self.state_buffers:
+            state[name] = self.zeros_state(param)
+
+    def _zo_step(self, closure: Closure) -> float:
+        seed = self._seed()
+        plus, minus = self._two_point(closure, seed)
+        c = (plus - minus) / (2.0 * self.eps)
+        t = self.zo_state["updates"] + 1
+        self.zo_state["last_losses"] = [plus, minus]
+        self.zo_state["last_projected_grads"] = [c]
+
+        def kernel(block: Block, noises: Noises) -> None:
+            g = block.group
+            beta1, beta2 = g["betas"]
+            z = noises[0][0]
+            m, v = block.view(block.state["exp_avg"]), block.view(block.state["exp_avg_sq"])
+            m.mul_(beta1).add_(z, alpha=(1.0 - beta1) * c)
+            v.mul_(beta2).addcmul_(z, z, value=(1.0 - beta2) * c * c)
+            if g["amsgrad"]:
+                v_max = block.view(block.state["max_exp_avg_sq"])
+                torch.maximum(v_max, v, out=v_max)
+                v = v_max
+            denom = (v / (1.0 - beta2**t)).sqrt_().add_(g["adam_eps"])
+            if g["weight_decay"]:
+                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            block.param.addcdiv_(m, denom, value=-g["lr"] / (1.0 - beta1**t))
+
+        self._update([seed], kernel)
+        return 0.5 * (plus + minus)
+
+

@@ -1,0 +1,51 @@
+"""ZO-SGD-MMT (ZO-Bench): SPSA gradient into heavy-ball momentum (PyTorch SGD, dampening 0).
+
+    g = c z;  m <- beta m + g;  theta <- theta - lr (m + wd theta)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+
+
+class ZOSGDMomentum(ZOOptimizer):
+    """ZO-SGD with heavy-ball momentum. 2 forwards, state: one fp32 buffer ``m`` (1x params).
+
+    Args:
+        lr: learning rate (ZO-Bench grid 1e-5 ... 1e-8 for OPT full-parameter).
+        momentum: beta (ZO-Bench: 0.9).
+        weight_decay: decoupled decay (ZO-Bench silently ignores it; 0 reproduces ZO-Bench).
+    """
+
+    aliases = ("zo-sgd-mmt", "zosgdmmt", "zo-momentum", "zo_sgd_momentum")
+    summary = "m = beta m + c z; theta -= lr m"
+    state_buffers = ("momentum",)
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float = 0.0, **engine):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), eps=eps, **engine)
+
+    def init_state(self, param: torch.Tensor, state: dict) -> None:
+        state["momentum"] = self.zeros_state(param)
+
+    def _zo_step(self, closure: Closure) -> float:
+        seed = self._seed()
+        plus, minus = self._two_point(closure, seed)
+        c = (plus - minus) / (2.0 * self.eps)
+        self.zo_state["last_losses"] = [plus, minus]
+        self.zo_state["last_projected_grads"] = [c]
+
+        def kernel(block: Block, noises: Noises) -> None:
+            g = block.group
+            m = block.view(block.state["momentum"])
+            m.mul_(g["momentum"]).add_(noises[0][0], alpha=c)
+            if g["weight_decay"]:
+                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            block.param.add_(m, alpha=-g["lr"])
+
+        self._update([seed], kernel)
+        return 0.5 * (plus + minus)
