@@ -216,6 +216,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pending: dict[int, list[float]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._closureless_step_is_noop = False
 
     # ------------------------------------------------------------------ method hooks
     def init_state(self, param: torch.Tensor, state: dict) -> None:
@@ -246,6 +247,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         loss estimate of this step (the method's ``L(theta)`` or the mean of ``L(theta +- eps u)``).
         """
         if closure is None:
+            if self._closureless_step_is_noop:
+                # a training loop (HF Trainer) calls step() after our integration already stepped
+                self._closureless_step_is_noop = False
+                return torch.tensor(float("nan"))
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that runs a forward pass and "
                 "returns the loss (zeroth-order optimizers do not use .grad)"

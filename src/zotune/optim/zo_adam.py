@@ -9,7 +9,6 @@ behaves much like SGD normalised by a running |grad| (see the spec, section 2.5)
 
 from __future__ import annotations
 
-
 import torch
 
 from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer

@@ -1,0 +1,73 @@
+"""The ``zotune`` command line.
+
+Subcommands are small modules that expose ``add_arguments(parser)`` and ``run(args) -> int``;
+user mistakes raise :class:`zotune.errors.UserError`, which is printed as one line (no
+traceback) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from zotune import __version__
+from zotune.errors import UserError
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("zotune.commands.train", "fine-tune a language model with a zeroth-order optimizer"),
+    "eval": ("zotune.commands.evaluate", "evaluate a model or checkpoint on a task"),
+    "plot": ("zotune.commands.plot", "plot training curves of one or more runs"),
+    "tasks": ("zotune.commands.listing", "list the available tasks"),
+    "models": ("zotune.commands.listing", "list the embedded models and what they need"),
+    "optimizers": ("zotune.commands.listing", "list the optimizers with their rules"),
+    "bench": ("zotune.bench", "benchmarks: step, functions, quadratic, scale"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zotune",
+        description="Memory-efficient zeroth-order fine-tuning of language models (MeZO, HiZOO, ZO-AdaMU, ...).",
+        epilog="Run `zotune COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"zotune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p, name) if _takes_name(module) else module.add_arguments(p)
+        p.set_defaults(_module=module, _command=name)
+    return parser
+
+
+def _takes_name(module: object) -> bool:
+    import inspect
+
+    return len(inspect.signature(module.add_arguments).parameters) == 2  # type: ignore[attr-defined]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as e:
+        print(f"zotune {args._command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"zotune {args._command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
