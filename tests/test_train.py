@@ -1,0 +1,195 @@
+"""The training loop and the CLI on tiny random models (no downloads, seconds per test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zotune.cli import main
+from zotune.models import apply_peft
+from zotune.tasks import available_tasks, get_task
+from zotune.testing import tiny_causal_lm, tiny_tokenizer
+from zotune.train import TrainConfig, batch_indices, train
+
+FAST = dict(steps=3, batch_size=4, max_dev=8, max_test=8, eval_batch_size=8, progress=False, lr=1e-3, eps=1e-2)
+
+
+def tiny_setup(peft: str = "full", seed: int = 0, arch: str = "llama"):
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(arch, vocab_size=len(tok), seed=seed)
+    model = apply_peft(model, None if peft == "full" else peft, seed=seed)
+    return model, tok
+
+
+def run(tmp_path, name="run", peft="full", **overrides):
+    model, tok = tiny_setup(peft)
+    config = TrainConfig(**{**FAST, "output_dir": str(tmp_path / name), "peft": peft, **overrides})
+    results = train(config, model=model, tokenizer=tok)
+    return model, results
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = [batch_indices(10, 4, s, seed=1) for s in range(6)]
+    b = [batch_indices(10, 4, s, seed=1) for s in range(6)]
+    assert a == b
+    assert a != [batch_indices(10, 4, s, seed=2) for s in range(6)]
+    # every epoch visits every example once
+    flat = [i for batch in a for i in batch][:20]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+TASKS = [t.name for t in available_tasks() if "user-provided" not in (t.needs or "") and t.name != "custom"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_train_runs_every_task_on_a_tiny_model(tmp_path, task):
+    model, results = run(tmp_path, task=task, steps=2, max_train=16, max_dev=4, max_test=4)
+    assert results["steps"] == 2
+    assert results["forwards"] >= 4
+    metric = "f1" if "f1" in results["after"]["dev"] else "accuracy"
+    assert 0.0 <= results["after"]["dev"][metric] <= 1.0
+    out = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "results.json", "checkpoint/trainable.safetensors"):
+        assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("peft", ["full", "lora", "prefix", "final_norm"])
+def test_only_trainable_weights_move(tmp_path, peft):
+    model, tok = tiny_setup(peft)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(**{**FAST, "output_dir": str(tmp_path / peft), "peft": peft, "task": "sst2",
+                            "eval_before": False, "lr": 1e-2, "eps": 1e-2})
+    train(config, model=model, tokenizer=tok)
+    moving = trainable_names(model)
+    assert moving, "nothing trainable"
+    for n, p in model.named_parameters():
+        if n in moving:
+            assert not torch.equal(before[n], p), f"{n} should move"
+        else:
+            assert torch.equal(before[n], p), f"{n} should stay frozen"
+
+
+def test_accuracy_objective_trains(tmp_path):
+    model, results = run(tmp_path, task="sst2", objective="accuracy", steps=3, eval_before=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert len(losses) == 3
+    assert all(-1.0 <= v <= 0.0 for v in losses)  # -accuracy of a batch
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    common = dict(task="sst2", steps=6, save_every=2, eval_every=3, eval_before=False, optimizer="zo-adam",
+                  schedule="linear")
+    full_model, full = run(tmp_path, name="full", **common)
+
+    import zotune.train as loop
+
+    real = loop.batch_indices
+
+    def crash_at_step_5(n, b, step, seed):
+        if step == 4:
+            raise Interrupted
+        return real(n, b, step, seed)
+
+    monkeypatch.setattr(loop, "batch_indices", crash_at_step_5)
+    with pytest.raises(Interrupted):
+        run(tmp_path, name="resumed", **common)
+    monkeypatch.setattr(loop, "batch_indices", real)
+    model, tok = tiny_setup(seed=5)  # different init: everything must come from the checkpoint
+    config = TrainConfig(**{**FAST, **common, "output_dir": str(tmp_path / "resumed"), "resume": True})
+    resumed = train(config, model=model, tokenizer=tok)
+    assert resumed["steps"] == 6
+    final = json.loads((tmp_path / "full" / "checkpoint" / "loop.json").read_text())
+    again = json.loads((tmp_path / "resumed" / "checkpoint" / "loop.json").read_text())
+    assert final == again
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_output_dir_is_never_overwritten_by_accident(tmp_path):
+    run(tmp_path, task="sst2", steps=1)
+    before = (tmp_path / "run" / "results.json").read_text()
+    from zotune.errors import UserError
+
+    with pytest.raises(UserError, match="not empty"):
+        run(tmp_path, task="sst2", steps=1)
+    assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random model saved in Hugging Face format, loadable by name/path like a real one."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tok = tiny_setup()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_train_eval_plot_end_to_end(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "cli"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ntask: rte\nsteps: 2\nbatch_size: 4\nmax_dev: 4\nmax_test: 4\n"
+                      "lr: 0.001\nprogress: false\n")
+    code = main(["train", "--config", str(config), "--steps", "3", "--output-dir", str(out),
+                 "--optimizer", "zo-sgd-mmt", "--opt", "momentum=0.5"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 3  # the CLI flag overrides the YAML
+    assert results["optimizer"] == "ZOSGDMomentum"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["optimizer_args"] == {"momentum": 0.5}
+    assert main(["eval", "--checkpoint", str(out), "--split", "dev", "--json", str(tmp_path / "e.json")]) == 0
+    assert "accuracy" in json.loads((tmp_path / "e.json").read_text())["dev"]
+    assert main(["plot", str(out), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--task", "no-such-task"], "unknown task"),
+        (["train", "--optimizer", "adamw"], "unknown optimizer"),
+        (["train", "--peft", "qlora"], "unknown --peft"),
+        (["train", "--model", "/no/such/model/dir"], "not found"),
+        (["train", "--config", "/no/such.yaml"], "does not exist"),
+        (["train", "--task", "drop"], "DROP"),
+    ],
+)
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    code = main([*argv, "--output-dir", str(tmp_path / "x"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message.lower() in err.lower()
+    assert "Traceback" not in err
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_listing_commands(capsys):
+    assert main(["optimizers"]) == 0
+    assert "ZOSGD" in capsys.readouterr().out
+    assert main(["tasks"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("sst2", "squad", "copa", "drop"):
+        assert name in listed
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_get_task_is_used_with_k_and_seed():
+    a = get_task("sst2", k=16, data_seed=13)
+    b = get_task("sst2", k=16, data_seed=42)
+    assert [e.prompt for e in a.train] != [e.prompt for e in b.train]
