@@ -306,7 +306,8 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
 
     optimizer_cls = zo.get(config.optimizer)
     task = build_task(config)
-    if model is None or tokenizer is None:
+    model_given = model is not None and tokenizer is not None
+    if not model_given:
         model, tokenizer = build_model(config, dist.device if dist is not None else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
@@ -338,7 +339,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     log = MetricsLog(out / "metrics.jsonl", is_main, out / "tensorboard" if config.tensorboard else None)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main else (lambda *a: None)
     say(f"zotune: {optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
-        f"{len(task.test)} test), model {config.model}, {config.peft} tuning: {trainable:,} trainable "
+        f"{len(task.test)} test), model {type(model).__name__ if model_given else config.model}, {config.peft} tuning: {trainable:,} trainable "
         f"parameters, lr {lr:g}, eps {eps:g}, batch {config.batch_size}")
 
     if config.eval_before and loop["before"] is None and config.steps > 0:
