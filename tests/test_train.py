@@ -193,3 +193,33 @@ def test_get_task_is_used_with_k_and_seed():
     a = get_task("sst2", k=16, data_seed=13)
     b = get_task("sst2", k=16, data_seed=42)
     assert [e.prompt for e in a.train] != [e.prompt for e in b.train]
+
+
+def test_torchrun_data_parallel_matches_single_process(tmp_path, tiny_model_dir):
+    """`torchrun --nproc_per_node 2 -m zotune train` (gloo on CPU): each rank takes half of every
+    batch and only loss scalars are all-reduced; the result equals one process on whole batches
+    up to fp32 rounding of the loss (amplified by lr/eps), and ranks end bit-identical (the
+    trainer's final replica check raises otherwise)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["-m", "zotune", "train", "--model", str(tiny_model_dir), "--task", "sst2", "--steps", "3",
+              "--batch-size", "8", "--max-dev", "4", "--max-test", "4", "--no-eval-before", "--no-progress",
+              "--threads", "1", "--lr", "1e-3", "--eps", "1e-2"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "single")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--standalone", *common, "--output-dir", str(tmp_path / "dp")],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    a = load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "dp" / "checkpoint" / "trainable.safetensors"))
+    init = dict(tiny_setup()[0].named_parameters())
+    moved = max((a[k] - init[k].detach()).abs().max().item() for k in a)
+    assert moved > 1e-5
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-3 * moved)

@@ -406,6 +406,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         save_checkpoint(out / "checkpoint", model, optimizer, scheduler, loop)
 
     if dist is not None:
+        from zotune.distributed import check_replicas
+
+        check_replicas(optimizer)  # ranks must end bit-identical (raises a clear error if not)
         dist.barrier()  # the main process has written best/ and checkpoint/
     if loop["best_step"] is not None and (out / "best").exists():
         load_trainable(model, out / "best")

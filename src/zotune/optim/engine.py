@@ -191,7 +191,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("block_size must be >= 1")
         self.module: nn.Module | None = None
         if isinstance(params, nn.Module):
-            self.module = params
+            from zotune.distributed import prepare_module  # FSDP2: reshard after forward; refuse meta
+
+            self.module = prepare_module(params)
             params = trainable_param_groups(params, defaults.get("weight_decay", 0.0))
         super().__init__(params, defaults)
         self.eps = float(eps)
@@ -355,7 +357,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.process_group is not None:
             from zotune.distributed import all_reduce_mean
 
-            values = all_reduce_mean(values, self.process_group, self._comm_device())
+            what = f"{type(self).__name__} step {self.step_count}"
+            values = all_reduce_mean(values, self.process_group, self._comm_device(), what=what)
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLoss(values)
         return values
