@@ -49,7 +49,7 @@ TASKS = [t.name for t in available_tasks() if "user-provided" not in (t.needs or
 
 @pytest.mark.parametrize("task", TASKS)
 def test_train_runs_every_task_on_a_tiny_model(tmp_path, task):
-    model, results = run(tmp_path, task=task, steps=2, max_train=16, max_dev=4, max_test=4)
+    _, results = run(tmp_path, task=task, steps=2, max_train=16, max_dev=4, max_test=4)
     assert results["steps"] == 2
     assert results["forwards"] >= 4
     metric = "f1" if "f1" in results["after"]["dev"] else "accuracy"
@@ -76,7 +76,7 @@ def test_only_trainable_weights_move(tmp_path, peft):
 
 
 def test_accuracy_objective_trains(tmp_path):
-    model, results = run(tmp_path, task="sst2", objective="accuracy", steps=3, eval_before=False)
+    run(tmp_path, task="sst2", objective="accuracy", steps=3, eval_before=False)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "train"]
     assert len(losses) == 3
@@ -90,7 +90,7 @@ class Interrupted(Exception):
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
     common = dict(task="sst2", steps=6, save_every=2, eval_every=3, eval_before=False, optimizer="zo-adam",
                   schedule="linear")
-    full_model, full = run(tmp_path, name="full", **common)
+    run(tmp_path, name="full", **common)
 
     import zotune.train as loop
 

@@ -338,8 +338,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
 
     log = MetricsLog(out / "metrics.jsonl", is_main, out / "tensorboard" if config.tensorboard else None)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main else (lambda *a: None)
+    model_name = type(model).__name__ if model_given else config.model
     say(f"zotune: {optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
-        f"{len(task.test)} test), model {type(model).__name__ if model_given else config.model}, {config.peft} tuning: {trainable:,} trainable "
+        f"{len(task.test)} test), model {model_name}, {config.peft} tuning: {trainable:,} trainable "
         f"parameters, lr {lr:g}, eps {eps:g}, batch {config.batch_size}")
 
     if config.eval_before and loop["before"] is None and config.steps > 0:
