@@ -223,3 +223,16 @@ def test_torchrun_data_parallel_matches_single_process(tmp_path, tiny_model_dir)
     assert moved > 1e-5
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-3 * moved)
+
+
+def test_cli_custom_jsonl_task_without_code(tmp_path, tiny_model_dir):
+    rows = [{"text": f"this movie was {w}", "label": int(w == "great")} for w in ["great", "bad"] * 12]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "custom"
+    code = main(["train", "--model", str(tiny_model_dir), "--task", "custom", "--task-arg", f"path={data}",
+                 "--template", "Review: {text}\nSentiment:", "--task-arg", "label_words={0: ' bad', 1: ' great'}",
+                 "--steps", "2", "--batch-size", "4", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "custom" and "accuracy" in results["after"]["dev"]

@@ -78,6 +78,7 @@ class TrainConfig:
     prefix_tokens: int = 5
     objective: str = "ce"
     template: str | None = None
+    task_args: dict[str, Any] = field(default_factory=dict)
     k: int = 16
     data_seed: int = 42
     max_train: int | None = None
@@ -285,7 +286,7 @@ def build_task(config: TrainConfig):
 
     return get_task(config.task, k=config.k, data_seed=config.data_seed, max_train=config.max_train,
                     max_dev=config.max_dev, max_test=config.max_test, data_dir=config.data_dir,
-                    template=config.template)
+                    template=config.template, **config.task_args)
 
 
 def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ into --output-dir; --resume continues an interrupted run on the identical trajec
 
 HELP: dict[str, str] = {
     "model": "embedded model name (smollm2-135m, gemma3-270m), local HF directory or hub id (offline)",
-    "task": "task name (see `zotune tasks`), or 'custom' with --data-dir",
+    "task": "task name (see `zotune tasks`), or 'custom' with --task-arg path=FILE ...",
     "optimizer": "optimizer name or alias (see `zotune optimizers`)",
     "steps": "number of optimizer steps",
     "output_dir": "where the run writes its files",
@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML (or JSON) file with any of the options below")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="extra optimizer argument, e.g. --opt alpha=1e-6 (repeatable)")
+    parser.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra task argument, e.g. for --task custom: --task-arg path=my.jsonl "
+                             "--task-arg 'template=Review: {text} Sentiment:' "
+                             "--task-arg 'label_words={0: \" negative\", 1: \" positive\"}' (repeatable)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
@@ -67,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         text += f" (default: {default})" if default not in (None, {}) else ""
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.name == "optimizer_args":
+        elif f.name in ("optimizer_args", "task_args"):
             parser.add_argument(_flag(f.name), type=json.loads, default=None, help=text)
         elif f.name == "lora_targets":
             parser.add_argument(_flag(f.name), nargs="+", default=None, help=text)
@@ -89,17 +93,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    extra = dict(values.get("optimizer_args") or {})
-    for item in args.opt:
-        if "=" not in item:
-            raise UserError(f"--opt expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        import yaml
-
-        extra[key.strip().replace("-", "_")] = yaml.safe_load(raw)
-    if extra:
-        values["optimizer_args"] = extra
+    for flag, key in (("opt", "optimizer_args"), ("task_arg", "task_args")):
+        extra = dict(values.get(key) or {})
+        extra.update(parse_key_values(getattr(args, flag, []), "--" + flag.replace("_", "-")))
+        if extra:
+            values[key] = extra
     return TrainConfig.from_dict(values)
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``["alpha=1e-6", "label_words={0: a}"]`` -> values parsed as YAML scalars/mappings."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise UserError(f"{flag} {item!r}: value is not valid YAML ({e})") from e
+    return out
 
 
 def load_config_file(path: str) -> dict[str, Any]:
