@@ -25,6 +25,7 @@ demo: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) -m zotune train --config configs/demo.yaml --output-dir $(DEMO_DIR) --overwrite
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow: $(VENV)/.models

@@ -19,9 +19,10 @@ stored in the optimizer state).
 Distributions: ``"gaussian"`` (N(0, 1), torch's ``normal_`` with a per-block generator) and
 ``"rademacher"`` (+-1; on CPU from numpy's counter-seeded PCG64 raw bytes, 5x faster than a
 Gaussian here). Noise generated on a CUDA device uses that device's Philox generator: the
-stream is reproducible across runs, ranks and GPUs, but differs from the CPU stream. Pass
-``noise_device="cpu"`` to the optimizer to generate on the CPU and copy, which reproduces a
-CPU run bit-for-bit on a GPU (slower).
+stream is reproducible across runs and across ranks and devices *of the same GPU model*, but
+differs from the CPU stream and between GPU models (PyTorch sizes the CUDA ``normal_`` launch
+by the SM count). Pass ``noise_device="cpu"`` to the optimizer to generate on the CPU and copy,
+which reproduces a CPU run bit-for-bit on any GPU (slower).
 """
 
 from __future__ import annotations
