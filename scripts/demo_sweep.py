@@ -25,6 +25,9 @@ CANDIDATES: list[dict] = [
     dict(template="sentiment", peft="norms", optimizer="zosgd", lr=2e-3, eps=1e-2),
     dict(template="sentiment", peft="lora", optimizer="zosgd", lr=1e-3, eps=1e-2),
     dict(template="mezo", peft="final_norm", optimizer="zosgd", lr=2e-2, eps=1e-2),
+    dict(template="mezo", peft="final_norm", optimizer="hizoo", lr=2e-2, eps=1e-2),
+    dict(template="mezo", peft="final_norm", optimizer="zo-adam", lr=1e-2, eps=1e-2),
+    dict(template="mezo", peft="norms", optimizer="zosgd", lr=2e-3, eps=1e-2),
 ]
 
 
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, default=300)
     ap.add_argument("--only", type=int, nargs="*", help="indices of CANDIDATES to run")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
     args = ap.parse_args()
     rows = []
     baselines: dict[str, float] = {}
@@ -42,7 +46,7 @@ def main() -> None:
             continue
         out = Path(tempfile.mkdtemp()) / "run"
         config = TrainConfig(task="sst2", steps=args.steps, batch_size=16, max_test=args.max_test, seed=0,
-                             eval_before=cand["template"] not in baselines, progress=False,
+                             eval_before=cand["template"] not in baselines, progress=False, threads=args.threads,
                              output_dir=str(out), **cand)
         t0 = time.time()
         res = train(config)
