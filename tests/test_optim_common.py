@@ -20,6 +20,10 @@ TEST_KW: dict[str, dict] = {
     "ZOSGDConservative": dict(lr=1e-2),
     "ZOSGDSign": dict(lr=1e-3),
     "ZOAdam": dict(lr=1e-3),
+    "ZOAdaMU": dict(lr=1e-3, total_steps=10, t1=2),  # short anneal: all three phases in 6 steps
+    "HiZOO": dict(lr=1e-2, alpha=1e-2),
+    "HiZOOLowRank": dict(lr=1e-2, alpha=1e-2),
+    "HELENE": dict(lr=1e-3, hessian_interval=2),
 }
 DEFAULT_KW = dict(lr=1e-3)
 ALL = zo.available()

@@ -10,19 +10,27 @@
 """
 
 from zotune.optim.engine import NonFiniteLoss, ZOOptimizer, trainable_param_groups
+from zotune.optim.helene import HELENE
+from zotune.optim.hizoo import HiZOO
+from zotune.optim.hizoo_lowrank import HiZOOLowRank
 from zotune.optim.registry import available, create, get, register
 from zotune.optim.zo_adam import ZOAdam
+from zotune.optim.zo_adamu import ZOAdaMU
 from zotune.optim.zo_conservative import ZOSGDConservative
 from zotune.optim.zo_momentum import ZOSGDMomentum
 from zotune.optim.zo_sgd import ZOSGD
 from zotune.optim.zo_sign import ZOSGDSign
 
-for _cls in (ZOSGD, ZOSGDMomentum, ZOSGDConservative, ZOSGDSign, ZOAdam):
+for _cls in (ZOSGD, ZOSGDMomentum, ZOSGDConservative, ZOSGDSign, ZOAdam, ZOAdaMU, HiZOO, HiZOOLowRank, HELENE):
     register(_cls)
 
 __all__ = [
+    "HELENE",
     "ZOSGD",
+    "HiZOO",
+    "HiZOOLowRank",
     "NonFiniteLoss",
+    "ZOAdaMU",
     "ZOAdam",
     "ZOOptimizer",
     "ZOSGDConservative",

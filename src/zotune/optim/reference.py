@@ -147,3 +147,6 @@ REFERENCES: dict[str, type[ReferenceZO]] = {
     "ZOSGDSign": RefZOSGDSign,
     "ZOAdam": RefZOAdam,
 }
+
+# HiZOO, HiZOO-L, ZO-AdaMU and HELENE: reference_methods adds its oracles to REFERENCES
+import zotune.optim.reference_methods  # noqa: E402, F401

@@ -1,0 +1,139 @@
+"""HELENE (Zhao et al., EMNLP 2025) -- EXPERIMENTAL best-available reconstruction, no public code.
+
+The rule below is the spec's reconstruction (section 2.11: abstract, ICLR reviews and a
+third-party formula page); it has not been checked against the paper's Algorithms 1-2:
+
+    g_t     = c_t z_t,  c_t = (L(theta + eps z) - L(theta - eps z)) / (2 eps)     # SPSA
+    a_t     = beta1 + (1 - beta1) exp(-t / T)                     # annealing: 1 -> beta1
+    m_t     = beta1 m_{t-1} + a_t g_t                             # momentum_form="anneal"
+            (or (1 - a_t) m_{t-1} + a_t g_t                       # momentum_form="ema")
+    every k steps: h_t = beta2 h_{t-k} + (1 - beta2) B g_t^2      # A-GNB with the ZO gradient
+    theta  <- theta - lr m_t / (gamma max(h_t, lambda_l) + delta)  # clip="floor", per-layer lambda
+           (or theta - lr clip(m_t / max(gamma h_t, delta), -lambda_l, lambda_l))   # clip="sophia"
+
+lambda_l is the ``clip_threshold`` of the parameter's group: one group per layer (parameter
+tensor) gives per-layer thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+
+MOMENTUM_FORMS = ("anneal", "ema")
+CLIP_FORMS = ("floor", "sophia")
+
+
+class HELENE(ZOOptimizer):
+    """EXPERIMENTAL: HELENE as reconstructed by the spec (unverified). 2 forwards; state m, h (2x).
+
+    Args:
+        params: parameters, parameter groups (one per layer for per-layer lambda), or an
+            ``nn.Module``.
+        lr: learning rate eta (not published; the experiments "follow MeZO's settings").
+        eps: perturbation scale.
+        betas: (beta1, beta2): momentum floor of the anneal and the Hessian EMA.
+        anneal_steps: T of the anneal a_t = beta1 + (1 - beta1) exp(-t / T).
+        hessian_interval: k, refresh h every k steps (Sophia: 10); t counts updates from 0.
+        gamma: Hessian scale gamma in the denominator.
+        clip_threshold: lambda, the per-layer floor of h (``clip="floor"``) or the bound of
+            the ratio (``clip="sophia"``). Per parameter group.
+        denom_eps: delta in the denominator.
+        gnb_scale: B in the A-GNB estimate B g^2 (the batch size; 1 gives g^2).
+        momentum_form: ``"anneal"`` (beta1 m + a_t g) or ``"ema"`` ((1 - a_t) m + a_t g).
+        clip: ``"floor"`` or ``"sophia"`` (see the module docstring).
+        weight_decay: decoupled decay ``theta -= lr wd theta``.
+        **engine: see :class:`~zotune.optim.engine.ZOOptimizer`.
+
+    Example:
+        >>> import torch
+        >>> from zotune.optim import HELENE
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = HELENE([w], lr=1e-2, seed=0)
+        >>> for _ in range(200):
+        ...     _ = opt.step(lambda: (w ** 2).sum())
+        >>> bool((w ** 2).sum() < 3.0)
+        True
+    """
+
+    aliases = ("helene",)
+    summary = "EXPERIMENTAL: m = b1 m + a_t c z; h = b2 h + (1-b2) c^2 z^2 every k; theta -= lr m/max(h, lam)"
+    state_buffers = ("momentum", "hessian")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        anneal_steps: float = 1000.0,
+        hessian_interval: int = 10,
+        gamma: float = 1.0,
+        clip_threshold: float = 1.0,
+        denom_eps: float = 1e-8,
+        gnb_scale: float = 1.0,
+        momentum_form: str = "anneal",
+        clip: str = "floor",
+        **engine,
+    ):
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if anneal_steps <= 0 or hessian_interval < 1:
+            raise ValueError("anneal_steps must be > 0 and hessian_interval >= 1")
+        if gamma <= 0 or clip_threshold < 0 or denom_eps < 0 or gnb_scale <= 0:
+            raise ValueError("need gamma > 0, clip_threshold >= 0, denom_eps >= 0, gnb_scale > 0")
+        if momentum_form not in MOMENTUM_FORMS:
+            raise ValueError(f"momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}")
+        if clip not in CLIP_FORMS:
+            raise ValueError(f"clip must be one of {CLIP_FORMS}, got {clip!r}")
+        if clip == "sophia" and denom_eps <= 0:
+            raise ValueError("clip='sophia' needs denom_eps > 0")
+        self.anneal_steps, self.hessian_interval = float(anneal_steps), int(hessian_interval)
+        self.gnb_scale, self.momentum_form, self.clip = float(gnb_scale), momentum_form, clip
+        defaults = dict(lr=lr, betas=tuple(betas), gamma=gamma, clip_threshold=clip_threshold,
+                        denom_eps=denom_eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, eps=eps, **engine)
+
+    def init_state(self, param: torch.Tensor, state: dict) -> None:
+        state["momentum"] = self.zeros_state(param)
+        state["hessian"] = self.zeros_state(param)
+
+    def anneal(self, beta1: float, t: int) -> float:
+        """a_t = beta1 + (1 - beta1) exp(-t / T): 1 at t = 0, decays to beta1."""
+        return beta1 + (1.0 - beta1) * math.exp(-t / self.anneal_steps)
+
+    def _zo_step(self, closure: Closure) -> float:
+        seed = self._seed()
+        plus, minus = self._two_point(closure, seed)
+        c = (plus - minus) / (2.0 * self.eps)
+        t = self.zo_state["updates"]
+        refresh = t % self.hessian_interval == 0
+        self.zo_state["last_losses"] = [plus, minus]
+        self.zo_state["last_projected_grads"] = [c]
+
+        def kernel(block: Block, noises: Noises) -> None:
+            g = block.group
+            beta1, beta2 = g["betas"]
+            z = noises[0][0]
+            m, h = block.view(block.state["momentum"]), block.view(block.state["hessian"])
+            a = self.anneal(beta1, t)
+            m.mul_(beta1 if self.momentum_form == "anneal" else 1.0 - a).add_(z, alpha=a * c)
+            if refresh:
+                h.mul_(beta2).addcmul_(z, z, value=(1.0 - beta2) * self.gnb_scale * c * c)
+            if g["weight_decay"]:
+                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            lam = g["clip_threshold"]
+            if self.clip == "floor":
+                denom = h.clamp(min=lam).mul_(g["gamma"]).add_(g["denom_eps"])
+                block.param.addcdiv_(m, denom, value=-g["lr"])
+            else:
+                ratio = m / (h * g["gamma"]).clamp_(min=g["denom_eps"])
+                block.param.add_(ratio.clamp_(-lam, lam), alpha=-g["lr"])
+
+        self._update([seed], kernel)
+        return 0.5 * (plus + minus)

@@ -1,0 +1,244 @@
+"""HiZOO (Zhao et al., ICLR 2025): SPSA with a diagonal-Hessian preconditioner h (fp32, h_0 = 1).
+
+Per step, with z ~ N(0, I) regenerated from the step seed (spec section 2.8, 2025 code):
+
+    u    = z / sqrt(h_{t-1})                                        # perturbation direction
+    l0   = L(theta),  l+- = L(theta +- eps u)
+    est  = (l+ + l- - 2 l0) / (2 eps^2) * h_{t-1} * (z^2 - k)       # k = 1 with trace_correction
+    h_t  = (1 - alpha_t) h_{t-1} + alpha_t |est|                    # (abs_after_ema: |EMA of est|)
+    theta <- theta - lr ((l+ - l-) / (2 eps) * z / sqrt(h_t) + wd theta)
+
+Without ``trace_correction`` this is the authors' 2025 code (|l+ + l- - 2 l0| h z^2 / (2 eps^2)),
+with it the paper's unbiased MiNES form E[est_i] = H_ii (the |.| is then per sample). HiZOO-multi
+(``n_samples = n``) draws n directions, averages est and the gradient over them, and costs
+2n + 1 forwards. ``alpha = 0`` keeps h = 1 and reproduces :class:`~zotune.optim.ZOSGD`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+
+ALPHA_SCHEDULES = ("constant", "harmonic", "linear")
+#: default floor of h where it could otherwise reach 0: the effective h in ``abs_after_ema`` mode
+#: (|EMA| of a signed estimate) and the warm-started h (a flat loss gives est = 0)
+H_FLOOR = 1e-4
+#: sample index offset of the warm-start probes (distinct from the step's own directions)
+WARMUP_SAMPLE_OFFSET = 1 << 20
+
+EstimateHook = Callable[[Block, torch.Tensor], None]
+
+
+class HiZOO(ZOOptimizer):
+    """HiZOO / HiZOO-multi. 2n + 1 forwards (3 by default), state: ``hessian`` (1x params, fp32).
+
+    Args:
+        params: parameters, parameter groups, or an ``nn.Module``.
+        lr: learning rate eta (RoBERTa-large FT 1e-6, OPT-13B FT 1e-6).
+        eps: perturbation scale mu (1e-3 FT, 1e-2 LoRA on OPT, 1e-1 prefix).
+        alpha: Hessian smoothing alpha ("Hessian_smooth": 1e-6 RoBERTa, 1e-8 / 1e-10 OPT).
+            ``alpha = 0`` is MeZO plus a wasted forward. Per parameter group.
+        weight_decay: decoupled decay ``theta -= lr wd theta`` (MeZO's form).
+        trace_correction: use the paper's (z^2 - 1) form (unbiased before the |.|).
+        abs_after_ema: keep the EMA of the *signed* estimate and use its absolute value
+            (PeFoo's fix); the effective h is floored at ``h_min`` (default ``H_FLOOR`` = 1e-4).
+        n_samples: directions per step (HiZOO-multi); est and gradient are averaged.
+        h_min, h_max: clamp h to [h_min, h_max] after every EMA update (PeFoo clamps at 1e4).
+            Per parameter group. ``None`` = no clamp (the published method).
+        warmup_probes: at the first step, set h from the mean of this many probe estimates
+            (2 forwards each, at h = 1) instead of starting from h = 1 (floored at ``h_min``,
+            default 1e-4).
+        alpha_schedule: ``"constant"`` (published), ``"harmonic"``
+            (alpha_t = alpha / (1 + t / T): a running mean of est once t >> T) or ``"linear"``
+            (alpha_t = alpha max(0, 1 - t / T)); t counts updates from 0.
+        alpha_decay_steps: T of the schedule (default for ``"harmonic"``: 1 / alpha).
+        **engine: see :class:`~zotune.optim.engine.ZOOptimizer`.
+
+    ``estimate_hook``, if set to ``f(block, est)``, is called (from the worker threads) with the
+    pre-EMA, pre-|.| estimate of each block in the final pass: a diagnostic, used by the tests.
+
+    Example:
+        >>> import torch
+        >>> from zotune.optim import HiZOO
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> opt = HiZOO([w], lr=0.05, eps=1e-3, alpha=0.1, seed=0)
+        >>> for _ in range(100):
+        ...     _ = opt.step(lambda: 0.5 * (w[0] ** 2 + 10 * w[1] ** 2))
+        >>> bool(0.5 * (w[0] ** 2 + 10 * w[1] ** 2) < 5.5)
+        True
+    """
+
+    aliases = ("hizoo",)
+    summary = "u = z/sqrt(h); h = (1-a)h + a|dL h z^2/(2eps^2)|; theta -= lr c z/sqrt(h_new)"
+    forwards_per_step = 3
+    state_buffers = ("hessian",)
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        alpha: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        trace_correction: bool = False,
+        abs_after_ema: bool = False,
+        n_samples: int = 1,
+        h_min: float | None = None,
+        h_max: float | None = None,
+        warmup_probes: int = 0,
+        alpha_schedule: str = "constant",
+        alpha_decay_steps: float | None = None,
+        **engine,
+    ):
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if int(n_samples) != n_samples or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+        if warmup_probes < 0:
+            raise ValueError(f"warmup_probes must be >= 0, got {warmup_probes}")
+        if h_min is not None and h_min < 0:
+            raise ValueError(f"h_min must be >= 0, got {h_min}")
+        if h_max is not None and not h_max > (h_min or 0.0):
+            raise ValueError(f"h_max must be > h_min and > 0, got {h_max}")
+        if alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {alpha_schedule!r}")
+        if alpha_schedule == "linear" and not alpha_decay_steps:
+            raise ValueError("alpha_schedule='linear' needs alpha_decay_steps")
+        if alpha_decay_steps is not None and alpha_decay_steps <= 0:
+            raise ValueError(f"alpha_decay_steps must be > 0, got {alpha_decay_steps}")
+        self.trace_correction = bool(trace_correction)
+        self.abs_after_ema = bool(abs_after_ema)
+        self.n_samples = int(n_samples)
+        self.warmup_probes = int(warmup_probes)
+        self.alpha_schedule = alpha_schedule
+        self.alpha_decay_steps = alpha_decay_steps
+        self.forwards_per_step = 2 * self.n_samples + 1
+        self.estimate_hook: EstimateHook | None = None
+        defaults = dict(lr=lr, alpha=alpha, weight_decay=weight_decay, h_min=h_min, h_max=h_max)
+        super().__init__(params, defaults, eps=eps, **engine)
+
+    # ------------------------------------------------------------------ h and its uses
+    def init_state(self, param: torch.Tensor, state: dict) -> None:
+        state["hessian"] = self.zeros_state(param, 1.0)
+
+    def _floor(self, group: dict) -> float | None:
+        if self.abs_after_ema and group["h_min"] is None:
+            return H_FLOOR
+        return group["h_min"]
+
+    def effective_h(self, stored: torch.Tensor, group: dict) -> torch.Tensor:
+        """The h that scales directions: the stored one, or |EMA| floored in abs_after_ema mode."""
+        if not self.abs_after_ema:
+            return stored  # already clamped when it was written
+        return stored.abs().clamp_(min=self._floor(group), max=group["h_max"])
+
+    def _store_h(self, h: torch.Tensor, est: torch.Tensor, alpha: float, group: dict) -> None:
+        """h <- (1 - alpha) h + alpha |est| (or the signed EMA), clamped; ``est`` may be overwritten."""
+        if self.abs_after_ema:
+            h.mul_(1.0 - alpha).add_(est, alpha=alpha)
+            if group["h_max"] is not None:
+                h.clamp_(min=-group["h_max"], max=group["h_max"])
+        else:
+            h.mul_(1.0 - alpha).add_(est.abs_(), alpha=alpha)
+            if group["h_min"] is not None or group["h_max"] is not None:
+                h.clamp_(min=group["h_min"], max=group["h_max"])
+
+    def direction(self, block: Block, noise: list[torch.Tensor]) -> torch.Tensor:
+        h = self.effective_h(block.view(block.state["hessian"]), block.group)
+        return noise[0] / h.sqrt()
+
+    def alpha_at(self, group: dict, t: int | None = None) -> float:
+        """alpha_t of a parameter group at update ``t`` (default: the current one)."""
+        t = self.zo_state["updates"] if t is None else t
+        alpha = float(group["alpha"])
+        if self.alpha_schedule == "constant" or alpha == 0.0:
+            return alpha
+        if self.alpha_schedule == "harmonic":
+            horizon = self.alpha_decay_steps or 1.0 / alpha
+            return alpha / (1.0 + t / horizon)
+        return alpha * max(0.0, 1.0 - t / float(self.alpha_decay_steps))  # linear
+
+    def _estimate(self, noises: Noises, scales: Sequence[float], h_prev: torch.Tensor) -> torch.Tensor:
+        """sum_i scales[i] (z_i^2 - k) * h_prev, a new block-sized tensor."""
+        est: torch.Tensor | None = None
+        for noise, scale in zip(noises, scales):
+            z = noise[0].to(h_prev.dtype)  # the noise is fp32; float64 parameters keep float64 state
+            zz = z * z
+            if self.trace_correction:
+                zz.sub_(1.0)
+            if est is None:
+                est = zz.mul_(scale)
+            else:
+                est.add_(zz, alpha=scale)
+        assert est is not None
+        return est.mul_(h_prev)
+
+    # ------------------------------------------------------------------ the step
+    def _probe(self, closure: Closure, seeds: Sequence[int], l0: float) -> tuple[list[float], list[float]]:
+        """Two-point probes along each seed; returns (projected grads, second differences).
+
+        Leaves the last seed displaced (by -eps u) for the fused restore of the final pass.
+        """
+        grads, second, losses = [], [], [l0]
+        for i, seed in enumerate(seeds):
+            plus, minus = self._two_point(closure, seed)
+            if i < len(seeds) - 1:
+                self._restore(seed)
+            grads.append((plus - minus) / (2.0 * self.eps))
+            second.append(plus + minus - 2.0 * l0)
+            losses += [plus, minus]
+        self.zo_state["last_losses"] = losses
+        return grads, second
+
+    def _warm_start(self, closure: Closure, l0: float) -> None:
+        """h <- clamp(|mean_k est_k|) from ``warmup_probes`` probes at the initial h.
+
+        2 forwards per probe; the h it writes is floored at ``h_min`` (default 1e-4).
+        """
+        k = self.warmup_probes
+        seeds = [self._seed(WARMUP_SAMPLE_OFFSET + i) for i in range(k)]
+        _, second = self._probe(closure, seeds, l0)
+        self._restore(seeds[-1])
+        scales = [d / (2.0 * self.eps**2 * k) for d in second]
+
+        def kernel(block: Block, noises: Noises) -> None:
+            h = block.view(block.state["hessian"])
+            est = self._estimate(noises, scales, self.effective_h(h, block.group))
+            self._store_h(h, est, 1.0, block.group)
+            if not self.abs_after_ema and block.group["h_min"] is None:
+                h.clamp_(min=H_FLOOR)
+
+        self._sweep(seeds, kernel)
+        self.zo_state["warm_started"] = True
+
+    def _zo_step(self, closure: Closure) -> float:
+        (l0,) = self._reduce(self._forward(closure))
+        if self.warmup_probes and not self.zo_state.get("warm_started", False):
+            self._warm_start(closure, l0)
+        n = self.n_samples
+        seeds = [self._seed(i) for i in range(n)]
+        grads, second = self._probe(closure, seeds, l0)
+        self.zo_state["last_projected_grads"] = grads
+        scales = [d / (2.0 * self.eps**2 * n) for d in second]
+        alphas = [self.alpha_at(g) for g in self.param_groups]
+        hook = self.estimate_hook
+
+        def kernel(block: Block, noises: Noises) -> None:
+            g = block.group
+            h = block.view(block.state["hessian"])
+            est = self._estimate(noises, scales, self.effective_h(h, g))
+            if hook is not None:
+                hook(block, est)
+            self._store_h(h, est, alphas[block.slot.group_index], g)
+            root = self.effective_h(h, g).sqrt()
+            if g["weight_decay"]:
+                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            for noise, c in zip(noises, grads):
+                block.param.add_(noise[0] / root, alpha=-g["lr"] * c / n)
+
+        self._update(seeds, kernel)
+        return l0
