@@ -1,0 +1,150 @@
+"""The ``zotune bench step`` and ``zotune bench functions`` benchmarks, on tiny settings.
+
+No wall-clock thresholds: the machine may be shared; only structure and sanity of the
+figures are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import zotune.optim as zo
+from zotune.bench import functions as fb
+from zotune.bench import step as sb
+
+
+def step_args(tmp_path, *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sb.add_arguments(parser)
+    return parser.parse_args(["--model-shape", "tiny", "--batch", "2x16", "--rounds", "1",
+                              "--json", str(tmp_path / "step.json"), *argv])
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ---------------------------------------------------------------------- step
+def test_step_tiny_end_to_end(tmp_path, capsys):
+    args = step_args(tmp_path, "--no-memory")
+    assert sb.run(args) == 0
+    out = capsys.readouterr().out
+    assert "step/2F" in out and "Targets" in out
+    data = json.loads((tmp_path / "step.json").read_text())
+    assert {"machine", "config", "timing", "rows", "targets", "memory"} <= set(data)
+    assert {"cpu", "torch", "torch_threads"} <= set(data["machine"])
+    assert data["config"]["params"] > 0 and data["config"]["threads"] == 2
+    assert positive(data["timing"]["forward"]["median_s"])
+    keys = {row["key"] for row in data["rows"]}
+    # every registered optimizer (Gaussian), ZO-SGD with Rademacher too, and MeZO's reference code
+    assert {f"{name}/gaussian" for name in zo.available()} | {"ZOSGD/rademacher", sb.NAIVE} <= keys
+    for row in data["rows"]:
+        assert row["forwards_per_step"] >= 1
+        if row["error"]:  # a method that cannot run with default arguments is reported, not fatal
+            continue
+        t = row["timing"]
+        for key in ("step_s", "step_over_kF", "step_over_2F", "vs_reference", "speedup_vs_naive"):
+            assert positive(t[key]), (row["key"], key, t[key])
+    by_key = {row["key"]: row for row in data["rows"]}
+    assert by_key["ZOSGD/gaussian"]["timing"]["vs_reference"] == pytest.approx(1.0)
+    assert set(data["timing"]["passes"]) == {sb.NAIVE, "ZOSGD/gaussian", "ZOSGD/rademacher"}
+    for p in data["timing"]["passes"].values():
+        assert positive(p["pass_over_F"])
+    # the targets are defined for opt-125m at 16x64 only
+    assert all(t["met"] is None for t in data["targets"])
+
+
+def test_select_cases_distributions():
+    both = sb.select_cases(["zo-adam"], "both")
+    assert [c.key for c in both] == [sb.NAIVE, "ZOSGD/gaussian", "ZOSGD/rademacher", "ZOAdam/gaussian",
+                                     "ZOAdam/rademacher"]
+    default = sb.select_cases(None, None, naive=False)
+    assert [c.key for c in default if c.distribution == "rademacher"] == ["ZOSGD/rademacher"]
+    assert {c.optimizer for c in default} == set(zo.available())
+
+
+def test_memory_subprocess_tiny():
+    args = argparse.Namespace(model_shape="tiny", batch="2x16", threads=1, seed=0, memory_steps=1)
+    report = sb.run_memory_subprocess("opt:ZOSGD:gaussian", args)
+    assert "error" not in report, report
+    assert report["params"] > 0
+    assert report["peak_mb"] >= report["rss_after_import_mb"] > 0
+
+
+def test_memory_table_arithmetic(monkeypatch):
+    """Ratios from fake subprocess reports: peak above import / inference's, extra / params."""
+    peaks = {"import": 100.0, "inference": 300.0, "opt:ZOSGD:gaussian": 302.0, "opt:ZOAdam:gaussian": 340.0}
+    monkeypatch.setattr(sb, "run_memory_subprocess", lambda case, args: {"case": case, "peak_mb": peaks[case]})
+    cases = [sb.Case("ZOSGD"), sb.Case("ZOAdam")]
+    args = argparse.Namespace(memory_reps=1, memory_jobs=2)
+    mem = sb.measure_memory(cases, args, param_bytes=20 * 2**20, log=lambda s: None)
+    assert mem["cases"]["ZOSGD/gaussian"]["peak_over_inference"] == pytest.approx(202 / 200)
+    assert mem["cases"]["ZOAdam/gaussian"]["extra_params"] == pytest.approx(2.0)
+
+
+def test_naive_mezo_restores_with_zero_lr():
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(5, 4)
+    naive = sb.NaiveMeZO(model, lr=0.0)
+    naive.step(lambda: model(x).pow(2).mean())
+    for a, b in zip(before, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- functions
+@pytest.mark.parametrize("name", list(fb.FUNCTIONS))
+def test_function_minimum(name):
+    func = fb.FUNCTIONS[name]
+    for mx, my in func.minimisers:
+        assert float(func(mx, my)) == pytest.approx(func.f_min, abs=1e-9)
+        # torch (the optimizer's closure) and numpy (the contours) agree
+        t = func(torch.tensor(mx, dtype=torch.float64), torch.tensor(my, dtype=torch.float64))
+        assert float(t) == pytest.approx(func.f_min, abs=1e-9)
+        # a local minimum: nothing lower on a small ring around it
+        ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+        ring = func(mx + 1e-3 * np.cos(ang), my + 1e-3 * np.sin(ang))
+        assert np.all(ring >= func.f_min - 1e-12)
+    # no grid point in the plotted range is below the stated global minimum
+    gx, gy = np.meshgrid(np.linspace(*func.xlim, 201), np.linspace(*func.ylim, 201))
+    assert func(gx, gy).min() >= func.f_min - 1e-9
+    assert func.initial_gap > 0
+    assert func.xlim[0] < func.start[0] < func.xlim[1] and func.ylim[0] < func.start[1] < func.ylim[1]
+
+
+def test_functions_benchmark_writes_png_and_table(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    fb.add_arguments(parser)
+    args = parser.parse_args(["--functions", "quadratic", "rosenbrock", "--optimizers", "zo-sgd", "zo-adam",
+                              "--steps", "20", "--lrs", "1e-3", "1e-2", "--out", str(tmp_path / "out"),
+                              "--figure", str(tmp_path / "fig" / "trajectories.png")])
+    assert fb.run(args) == 0
+    out = tmp_path / "out"
+    for name in ("trajectories.png", "quadratic.png", "rosenbrock.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "fig" / "trajectories.png").exists()
+    table = (out / "table.md").read_text()
+    assert "| method" in table and "ZOSGD" in table and "ZOAdam" in table
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["functions"]) == {"quadratic", "rosenbrock"}
+    for entry in data["functions"].values():
+        for method in ("ZOSGD", "ZOAdam"):
+            res = entry["methods"][method]
+            assert res["lr"] in (1e-3, 1e-2)
+            assert math.isfinite(res["final_gap"]) and res["final_gap"] >= 0
+            assert len(res["trajectory"]) == 21 and res["trajectory"][0] == entry["start"]
+
+
+def test_best_run_prefers_lowest_final_gap():
+    func = fb.FUNCTIONS["quadratic"]
+    runs = [fb.run_one(func, "ZOSGD", lr, 30) for lr in (1e-4, 1e-2, 10.0)]
+    assert runs[2].diverged or runs[2].final_gap > runs[1].final_gap
+    best = fb.best_run(runs)
+    assert best.final_gap == min(r.final_gap for r in runs)
+    assert best.gaps[0] == pytest.approx(func.initial_gap)
