@@ -372,6 +372,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         plus, minus = self._reduce(plus, minus)
         return plus, minus
 
+    def _spsa(self, closure: Closure, seed: int) -> tuple[float, float, float]:
+        """Two-point SPSA: (L+, L-, c = (L+ - L-) / 2 eps), recorded in ``zo_state``."""
+        plus, minus = self._two_point(closure, seed)
+        c = (plus - minus) / (2.0 * self.eps)
+        self.zo_state["last_losses"] = [plus, minus]
+        self.zo_state["last_projected_grads"] = [c]
+        return plus, minus, c
+
     def _displace(self, seed: int, coef: Coefficient) -> None:
         """Move the parameters by ``coef * u(seed)`` (``coef`` may depend on the group)."""
         if callable(coef):

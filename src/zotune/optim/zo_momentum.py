@@ -34,10 +34,7 @@ class ZOSGDMomentum(ZOOptimizer):
 
     def _zo_step(self, closure: Closure) -> float:
         seed = self._seed()
-        plus, minus = self._two_point(closure, seed)
-        c = (plus - minus) / (2.0 * self.eps)
-        self.zo_state["last_losses"] = [plus, minus]
-        self.zo_state["last_projected_grads"] = [c]
+        plus, minus, c = self._spsa(closure, seed)
 
         def kernel(block: Block, noises: Noises) -> None:
             g = block.group

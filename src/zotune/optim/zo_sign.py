@@ -31,11 +31,8 @@ class ZOSGDSign(ZOOptimizer):
 
     def _zo_step(self, closure: Closure) -> float:
         seed = self._seed()
-        plus, minus = self._two_point(closure, seed)
-        c = (plus - minus) / (2.0 * self.eps)
+        plus, minus, c = self._spsa(closure, seed)
         sign_c = math.copysign(1.0, c) if c != 0.0 else 0.0
-        self.zo_state["last_losses"] = [plus, minus]
-        self.zo_state["last_projected_grads"] = [c]
 
         def kernel(block: Block, noises: Noises) -> None:
             g = block.group
