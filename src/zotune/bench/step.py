@@ -22,7 +22,10 @@ machine may be shared: read ratios taken under load > 0.3 cores with care.
 Peak memory is measured in a **fresh subprocess per case** (``python -m zotune.bench.step
 --memory-case CASE``): it imports torch and transformers, builds the model, resets the
 peak RSS (``VmHWM``, by writing 5 to ``/proc/self/clear_refs``), runs 2 forwards (inference)
-or 2 optimizer steps, and reports ``VmHWM``. The table shows the peak above the
+or 2 optimizer steps, and reports ``VmHWM``. glibc's mmap threshold is pinned at its default
+128 KiB there (``MALLOC_MMAP_THRESHOLD_``; ``--malloc-default`` leaves it dynamic), so that freed
+large blocks go back to the OS and identical runs give the same peak to ~1 MB (with the dynamic
+threshold they scatter by 50-200 MB on opt-125m). The table shows the peak above the
 import-only baseline relative to inference's, and the extra memory of each method
 (step peak - inference peak) as a multiple of the fp32 parameter bytes, next to the number
 of parameter-sized state buffers the method declares.
@@ -85,6 +88,7 @@ REFERENCE = "ZOSGD"  # the baseline of the "vs ZO-SGD" column
 NAIVE = "mezo-reference"
 MEMORY_MARK = "ZOTUNE_MEMORY "
 CLEAN_LOAD = 0.3  # foreign cores above which a sample counts as contended
+MMAP_THRESHOLD = 128 * 1024  # glibc's default M_MMAP_THRESHOLD, pinned in the memory subprocesses
 
 #: (what, value key, limit, case key) -- the targets of the performance issue (opt-125m, 16x64)
 TARGETS: list[tuple[str, str, float, str]] = [
@@ -117,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-jobs", type=int, default=1,
                         help="memory subprocesses run at once (peaks are per process, so this is safe; "
                              "default: 1)")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's dynamic mmap threshold in the memory subprocesses (by default it "
+                             "is pinned at 128 KiB via MALLOC_MMAP_THRESHOLD_ so that peaks are reproducible)")
     parser.add_argument("--memory-only", action="store_true",
                         help="measure only peak memory (no timing; memory does not depend on the load)")
     parser.add_argument("--no-passes", action="store_true", help="skip timing single perturbation passes")
@@ -484,6 +491,10 @@ def run_memory_subprocess(case: str, args: argparse.Namespace) -> dict[str, Any]
     src = str(Path(zotune.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if not getattr(args, "malloc_default", False):
+        # pin glibc's mmap threshold at its default 128 KiB: with the dynamic threshold, freed large
+        # blocks stay in the heap and identical runs' peaks scatter by 50-200 MB (opt-125m)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     cmd = [sys.executable, "-m", "zotune.bench.step", "--memory-case", case, "--model-shape", args.model_shape,
@@ -665,7 +676,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "config": {"model_shape": args.model_shape, "batch": batch, "seq": seq, "threads": torch.get_num_threads(),
                    "rounds": args.rounds, "params": n, "param_bytes": 4 * n, "seed": args.seed,
                    "attn_implementation": getattr(model.config, "_attn_implementation", None),
-                   "memory_steps": args.memory_steps, "memory_reps": args.memory_reps},
+                   "memory_steps": args.memory_steps, "memory_reps": args.memory_reps,
+                   "malloc_mmap_threshold": None if args.malloc_default else MMAP_THRESHOLD},
         "timing": timing,
         "memory": memory,
         "rows": rows,
