@@ -147,9 +147,16 @@ class HiZOO(ZOOptimizer):
             if group["h_min"] is not None or group["h_max"] is not None:
                 h.clamp_(min=group["h_min"], max=group["h_max"])
 
+    def _root_h(self, h: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sqrt of the effective h, written to ``out`` (or one new block-sized tensor)."""
+        if self.abs_after_ema:
+            return torch.abs(h, out=out).clamp_(min=self._floor(group), max=group["h_max"]).sqrt_()
+        return torch.sqrt(h, out=out)
+
     def direction(self, block: Block, noise: list[torch.Tensor]) -> torch.Tensor:
-        h = self.effective_h(block.view(block.state["hessian"]), block.group)
-        return noise[0] / h.sqrt()
+        # one temporary per block: the root, then divided into in place (same rounding as z / root)
+        root = self._root_h(block.view(block.state["hessian"]), block.group)
+        return torch.div(noise[0], root, out=root)
 
     def alpha_at(self, group: dict, t: int | None = None) -> float:
         """alpha_t of a parameter group at update ``t`` (default: the current one)."""
@@ -234,11 +241,14 @@ class HiZOO(ZOOptimizer):
             if hook is not None:
                 hook(block, est)
             self._store_h(h, est, alphas[block.slot.group_index], g)
-            root = self.effective_h(h, g).sqrt()
+            # est is spent: its buffer takes sqrt(h_t), and z / sqrt(h_t) overwrites the noise
+            # (the last use of this block's noise), so the kernel holds one block temporary
+            root = self._root_h(h, g, out=est)
             if g["weight_decay"]:
                 block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
             for noise, c in zip(noises, grads):
-                block.param.add_(noise[0] / root, alpha=-g["lr"] * c / n)
+                z = noise[0].to(root.dtype)  # a copy only for float64 parameters
+                block.param.add_(z.div_(root), alpha=-g["lr"] * c / n)
 
         self._update(seeds, kernel)
         return l0
