@@ -8,11 +8,13 @@ benchmarks report it next to their ratios instead of pretending the machine was 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -196,3 +198,16 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
     return path
+
+
+def module_main(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None) -> int:
+    """``python -m zotune.bench.<name>``: parse, run, and turn a UserError into one line + exit 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m zotune.bench.{name}", description=description)
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"zotune bench {name}: error: {e}", file=sys.stderr)
+        return 2

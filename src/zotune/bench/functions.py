@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from zotune.bench._common import DASH, fmt, machine_info, markdown_table, resolve_optimizers, write_json
+from zotune.bench._common import (
+    DASH,
+    fmt,
+    machine_info,
+    markdown_table,
+    module_main,
+    resolve_optimizers,
+    write_json,
+)
 from zotune.errors import UserError
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -528,14 +536,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m zotune.bench.functions ...`` (same options as ``zotune bench functions``)."""
-    parser = argparse.ArgumentParser(prog="python -m zotune.bench.functions", description=DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"zotune bench functions: error: {e}", file=sys.stderr)
-        return 2
+    return module_main("functions", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from zotune.bench._common import (
     markdown_table,
     measure_other_load,
     median,
+    module_main,
     resolve_optimizers,
     timed,
     wait_quiet,
@@ -705,15 +706,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m zotune.bench.step ...`` (same options as ``zotune bench step``)."""
-    parser = argparse.ArgumentParser(prog="python -m zotune.bench.step", description=DESCRIPTION)
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"zotune bench step: error: {e}", file=sys.stderr)
-        return 2
+    return module_main("step", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
