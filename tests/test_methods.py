@@ -103,6 +103,30 @@ def test_hizoo_options_match_oracle(options):
     assert opt.zo_state["forwards"] == 6 * (2 * opt.n_samples + 1) + 2 * opt.warmup_probes
 
 
+@pytest.mark.parametrize("options", [dict(hessian_every=3), dict(hessian_every=2, n_samples=2, warmup_probes=2,
+                                                                     trace_correction=True, abs_after_ema=True)],
+                         ids=["every3", "every2-multi-warm"])
+def test_hizoo_lazy_hessian_matches_oracle(options):
+    """hessian_every = k: h refreshed on updates 0, k, 2k, ... (2n + 1 forwards), else 2n forwards."""
+    opt = assert_matches_oracle("HiZOO", RefHiZOO, steps=7, lr=1e-2, alpha=0.2, **options)
+    k, n = opt.hessian_every, opt.n_samples
+    refreshes = len(range(0, 7, k))
+    assert opt.zo_state["forwards"] == 7 * 2 * n + refreshes + 2 * opt.warmup_probes
+
+
+def test_hizoo_lazy_hessian_keeps_h_between_refreshes():
+    model, closure = make_problem(dtype=torch.float32)
+    opt = zo.HiZOO(model, lr=1e-2, eps=1e-2, alpha=0.5, hessian_every=2, seed=3)
+    snapshots = []
+    for _ in range(4):
+        opt.step(closure)
+        snapshots.append(torch.cat([st["hessian"].view(-1) for st in opt.state.values()]).clone())
+    assert not torch.equal(snapshots[0], torch.ones_like(snapshots[0]))  # update 0 refreshed h
+    assert torch.equal(snapshots[0], snapshots[1])  # update 1 kept it
+    assert not torch.equal(snapshots[1], snapshots[2])  # update 2 refreshed it again
+    assert torch.equal(snapshots[2], snapshots[3])
+
+
 def test_hizoo_clamp_binds_and_h_changes():
     opt = assert_matches_oracle("HiZOO", RefHiZOO, lr=1e-2, alpha=0.2, h_min=0.9, h_max=1.5)
     h = torch.cat([st["hessian"].view(-1) for st in opt.state.values()])
@@ -202,7 +226,7 @@ def test_hizoo_validates_arguments():
     w = [nn.Parameter(torch.ones(2))]
     for bad in [dict(alpha=1.0), dict(alpha=-0.1), dict(n_samples=0), dict(warmup_probes=-1),
                 dict(h_min=-1.0), dict(h_min=2.0, h_max=1.0), dict(alpha_schedule="cosine"),
-                dict(alpha_schedule="linear")]:
+                dict(alpha_schedule="linear"), dict(hessian_every=0), dict(hessian_every=1.5)]:
         with pytest.raises(ValueError):
             zo.HiZOO(w, **bad)
 
@@ -253,6 +277,8 @@ def test_hizoo_lowrank_memory_on_transformer_is_under_5_percent():
 def test_hizoo_lowrank_rejects_unsupported_options():
     with pytest.raises(ValueError, match="n_samples"):
         zo.HiZOOLowRank([nn.Parameter(torch.ones(2, 2))], n_samples=2)
+    with pytest.raises(ValueError, match="hessian_every"):
+        zo.HiZOOLowRank([nn.Parameter(torch.ones(2, 2))], hessian_every=2)
 
 
 # ---------------------------------------------------------------------- pass counts

@@ -11,7 +11,10 @@ Per step, with z ~ N(0, I) regenerated from the step seed (spec section 2.8, 202
 Without ``trace_correction`` this is the authors' 2025 code (|l+ + l- - 2 l0| h z^2 / (2 eps^2)),
 with it the paper's unbiased MiNES form E[est_i] = H_ii (the |.| is then per sample). HiZOO-multi
 (``n_samples = n``) draws n directions, averages est and the gradient over them, and costs
-2n + 1 forwards. ``alpha = 0`` keeps h = 1 and reproduces :class:`~zotune.optim.ZOSGD`.
+2n + 1 forwards. ``alpha = 0`` keeps h = 1 and reproduces :class:`~zotune.optim.ZOSGD`. ``hessian_every = k``
+(not in the paper; Sophia/HELENE-style lazy curvature) spends the forward at theta and the h
+update only on every k-th update and takes plain preconditioned SPSA steps with the frozen h in
+between: 2n + 1/k forwards per step on average.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class HiZOO(ZOOptimizer):
             (alpha_t = alpha / (1 + t / T): a running mean of est once t >> T) or ``"linear"``
             (alpha_t = alpha max(0, 1 - t / T)); t counts updates from 0.
         alpha_decay_steps: T of the schedule (default for ``"harmonic"``: 1 / alpha).
+        hessian_every: refresh h on every k-th update only (updates 0, k, 2k, ...); the steps
+            between skip the forward at theta (2n forwards) and use the current h. Default 1
+            (the published method). Counts updates, like the alpha schedule.
         **engine: see :class:`~zotune.optim.engine.ZOOptimizer`.
 
     ``estimate_hook``, if set to ``f(block, est)``, is called (from the worker threads) with the
@@ -92,6 +98,7 @@ class HiZOO(ZOOptimizer):
         warmup_probes: int = 0,
         alpha_schedule: str = "constant",
         alpha_decay_steps: float | None = None,
+        hessian_every: int = 1,
         **engine,
     ):
         if not 0.0 <= alpha < 1.0:
@@ -110,13 +117,16 @@ class HiZOO(ZOOptimizer):
             raise ValueError("alpha_schedule='linear' needs alpha_decay_steps")
         if alpha_decay_steps is not None and alpha_decay_steps <= 0:
             raise ValueError(f"alpha_decay_steps must be > 0, got {alpha_decay_steps}")
+        if int(hessian_every) != hessian_every or hessian_every < 1:
+            raise ValueError(f"hessian_every must be a positive integer, got {hessian_every}")
         self.trace_correction = bool(trace_correction)
         self.abs_after_ema = bool(abs_after_ema)
         self.n_samples = int(n_samples)
         self.warmup_probes = int(warmup_probes)
         self.alpha_schedule = alpha_schedule
         self.alpha_decay_steps = alpha_decay_steps
-        self.forwards_per_step = 2 * self.n_samples + 1
+        self.hessian_every = int(hessian_every)
+        self.forwards_per_step = 2 * self.n_samples + 1  # on a step that refreshes h
         self.estimate_hook: EstimateHook | None = None
         defaults = dict(lr=lr, alpha=alpha, weight_decay=weight_decay, h_min=h_min, h_max=h_max)
         super().__init__(params, defaults, eps=eps, **engine)
@@ -185,18 +195,20 @@ class HiZOO(ZOOptimizer):
         return est.mul_(h_prev)
 
     # ------------------------------------------------------------------ the step
-    def _probe(self, closure: Closure, seeds: Sequence[int], l0: float) -> tuple[list[float], list[float]]:
+    def _probe(self, closure: Closure, seeds: Sequence[int], l0: float | None) -> tuple[list[float], list[float]]:
         """Two-point probes along each seed; returns (projected grads, second differences).
 
-        Leaves the last seed displaced (by -eps u) for the fused restore of the final pass.
+        Without ``l0`` (a step that keeps h) there are no second differences. Leaves the last
+        seed displaced (by -eps u) for the fused restore of the final pass.
         """
-        grads, second, losses = [], [], [l0]
+        grads, second, losses = [], [], [] if l0 is None else [l0]
         for i, seed in enumerate(seeds):
             plus, minus = self._two_point(closure, seed)
             if i < len(seeds) - 1:
                 self._restore(seed)
             grads.append((plus - minus) / (2.0 * self.eps))
-            second.append(plus + minus - 2.0 * l0)
+            if l0 is not None:
+                second.append(plus + minus - 2.0 * l0)
             losses += [plus, minus]
         self.zo_state["last_losses"] = losses
         return grads, second
@@ -222,7 +234,32 @@ class HiZOO(ZOOptimizer):
         self._sweep(seeds, kernel)
         self.zo_state["warm_started"] = True
 
+    def _descend(self, block: Block, noises: Noises, grads: Sequence[float], root: torch.Tensor) -> None:
+        """theta <- theta (1 - lr wd) - lr / n sum_i c_i z_i / root; overwrites the noise (its last use)."""
+        g = block.group
+        if g["weight_decay"]:
+            block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+        for noise, c in zip(noises, grads):
+            z = noise[0].to(root.dtype)  # a copy only for float64 parameters
+            block.param.add_(z.div_(root), alpha=-g["lr"] * c / len(grads))
+
+    def _frozen_h_step(self, closure: Closure) -> float:
+        """A step between h refreshes: 2n forwards, h as it is, the same preconditioned update."""
+        n = self.n_samples
+        seeds = [self._seed(i) for i in range(n)]
+        grads, _ = self._probe(closure, seeds, None)
+        self.zo_state["last_projected_grads"] = grads
+
+        def kernel(block: Block, noises: Noises) -> None:
+            self._descend(block, noises, grads, self._root_h(block.view(block.state["hessian"]), block.group))
+
+        self._update(seeds, kernel)
+        losses = self.zo_state["last_losses"]
+        return sum(losses) / len(losses)
+
     def _zo_step(self, closure: Closure) -> float:
+        if self.zo_state["updates"] % self.hessian_every:
+            return self._frozen_h_step(closure)
         (l0,) = self._reduce(self._forward(closure))
         if self.warmup_probes and not self.zo_state.get("warm_started", False):
             self._warm_start(closure, l0)
@@ -243,12 +280,7 @@ class HiZOO(ZOOptimizer):
             self._store_h(h, est, alphas[block.slot.group_index], g)
             # est is spent: its buffer takes sqrt(h_t), and z / sqrt(h_t) overwrites the noise
             # (the last use of this block's noise), so the kernel holds one block temporary
-            root = self._root_h(h, g, out=est)
-            if g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
-            for noise, c in zip(noises, grads):
-                z = noise[0].to(root.dtype)  # a copy only for float64 parameters
-                block.param.add_(z.div_(root), alpha=-g["lr"] * c / n)
+            self._descend(block, noises, grads, self._root_h(h, g, out=est))
 
         self._update(seeds, kernel)
         return l0

@@ -71,7 +71,7 @@ class HiZOOLowRank(HiZOO):
         alpha_decay_steps: float | None = None,
         **engine,
     ):
-        unsupported = sorted(set(engine) & {"abs_after_ema", "n_samples", "warmup_probes"})
+        unsupported = sorted(set(engine) & {"abs_after_ema", "n_samples", "warmup_probes", "hessian_every"})
         if unsupported:
             raise ValueError(f"HiZOOLowRank does not support {unsupported} (use HiZOO)")
         super().__init__(

@@ -76,6 +76,20 @@ class RefHiZOO(ReferenceZO):
             for st, p in zip(self.state, self.params):
                 st["h"] = torch.ones_like(p)
         h = [st["h"] for st in self.state]
+        n = int(self.hp.get("n_samples", 1))
+        if self.updates % int(self.hp.get("hessian_every", 1)):
+            # between h refreshes: two-point probes with the frozen h, the same preconditioned step
+            zs = [self.noise(sample=i) for i in range(n)]
+            grads = []
+            for z in zs:
+                u = [zk / self._effective(hk).sqrt() for zk, hk in zip(z, h)]
+                plus = self.loss_at(closure, [self.eps * uk for uk in u])
+                minus = self.loss_at(closure, [-self.eps * uk for uk in u])
+                grads.append((plus - minus) / (2 * self.eps))
+            self.decay()
+            for j, p in enumerate(self.params):
+                p.sub_(self.hp["lr"] / n * sum(grads[i] * zs[i][j] for i in range(n)) / self._effective(h[j]).sqrt())
+            return
         l0 = self.loss_at(closure, None)
         probes = int(self.hp.get("warmup_probes", 0))
         if probes and not self.hp.get("_warm", False):
@@ -86,7 +100,6 @@ class RefHiZOO(ReferenceZO):
             if not self.hp.get("abs_after_ema", False) and self.hp.get("h_min") is None:
                 h = [hk.clamp(min=_H_FLOOR) for hk in h]
             self.hp["_warm"] = True
-        n = int(self.hp.get("n_samples", 1))
         zs = [self.noise(sample=i) for i in range(n)]
         grads, second = self._second_differences(closure, zs, h, l0)
         alpha, lr = self._alpha(), self.hp["lr"]
