@@ -167,6 +167,9 @@ def test_cli_train_eval_plot_end_to_end(tmp_path, tiny_model_dir, capsys):
         (["train", "--model", "/no/such/model/dir"], "not found"),
         (["train", "--config", "/no/such.yaml"], "does not exist"),
         (["train", "--task", "drop"], "DROP"),
+        (["train", "--opt", "alpah=1e-6"], "has no option 'alpah'"),
+        (["train", "--optimizer", "hizoo", "--opt", "alpha=2"], "alpha must be in [0, 1)"),
+        (["train", "--optimizer", "hizoo-l", "--opt", "n_samples=4"], "no option 'n_samples'"),
     ],
 )
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
@@ -176,6 +179,19 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, capsys, argv, 
     assert message.lower() in err.lower()
     assert "Traceback" not in err
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_every_documented_optimizer_option_passes_the_early_check():
+    import inspect
+
+    import zotune.optim as zo
+    from zotune.train import check_optimizer_args
+
+    for name in zo.available():
+        cls = zo.get(name)
+        own = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+               if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+        check_optimizer_args(cls, {**own, "seed": 3, "distribution": "rademacher"})  # must not raise
 
 
 def test_listing_commands(capsys):

@@ -201,6 +201,30 @@ def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
     return float(inspect.signature(optimizer_cls.__init__).parameters["lr"].default)
 
 
+def check_optimizer_args(optimizer_cls: type, kwargs: dict[str, Any]) -> None:
+    """Refuse unknown or invalid optimizer arguments (``--opt``) with one clear message.
+
+    The optimizer is built once on a one-element dummy parameter, which runs every argument
+    check of its constructor without touching the model.
+    """
+    import inspect
+
+    from zotune.optim.engine import ZOOptimizer
+
+    accepted = set()
+    for cls in (optimizer_cls, ZOOptimizer):
+        accepted |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "params", "defaults")}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise UserError(f"{optimizer_cls.__name__} has no option {', '.join(map(repr, unknown))} (from --opt or "
+                        f"optimizer_args); its options: {', '.join(sorted(accepted))}")
+    try:
+        optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid {optimizer_cls.__name__} arguments: {e}") from None
+
+
 class MetricsLog:
     """JSONL metrics (and TensorBoard if asked), written by the main process only."""
 
@@ -296,6 +320,12 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     from zotune.tasks import evaluate, make_objective
 
     config.validate()
+    optimizer_cls = zo.get(config.optimizer)
+    lr = config.lr if config.lr is not None else default_lr(config, optimizer_cls)
+    eps = config.eps if config.eps is not None else DEFAULT_EPS[config.peft]
+    optimizer_kwargs = dict(lr=lr, eps=eps, weight_decay=config.weight_decay, seed=config.seed,
+                            distribution=config.distribution, **config.optimizer_args)
+    check_optimizer_args(optimizer_cls, optimizer_kwargs)  # before anything is loaded or written
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
@@ -305,7 +335,6 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         dist.barrier()
     wall_start = time.time()
 
-    optimizer_cls = zo.get(config.optimizer)
     task = build_task(config)
     model_given = model is not None and tokenizer is not None
     if not model_given:
@@ -313,12 +342,8 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
 
-    lr = config.lr if config.lr is not None else default_lr(config, optimizer_cls)
-    eps = config.eps if config.eps is not None else DEFAULT_EPS[config.peft]
-    optimizer = optimizer_cls(model, lr=lr, eps=eps, weight_decay=config.weight_decay, seed=config.seed,
-                              distribution=config.distribution,
-                              process_group=dist.group if dist is not None else None,
-                              check_every=100 if dist is not None else 0, **config.optimizer_args)
+    optimizer = optimizer_cls(model, **optimizer_kwargs, process_group=dist.group if dist is not None else None,
+                              check_every=100 if dist is not None else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     resolved = {**dataclasses.asdict(config), "lr": lr, "eps": eps, "optimizer": optimizer_cls.__name__}
 
