@@ -158,6 +158,22 @@ def test_cli_train_eval_plot_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_cli_resume_takes_the_saved_settings_and_refuses_changed_ones(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--model", str(tiny_model_dir), "--task", "rte", "--batch-size", "4", "--max-dev", "4",
+            "--max-test", "4", "--no-progress", "--output-dir", str(out)]
+    assert main([*base, "--optimizer", "zo-adam", "--lr", "0.002", "--seed", "7", "--steps", "2"]) == 0
+    # only the output directory, --resume and a longer run: the rest comes from config.json
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and results["optimizer"] == "ZOAdam" and results["config"]["lr"] == 0.002
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "6", "--seed", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "seed 7 -> 8" in err and "Traceback" not in err
+    assert json.loads((out / "results.json").read_text())["steps"] == 4  # nothing was touched
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

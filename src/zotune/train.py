@@ -272,6 +272,32 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+#: settings that define the trajectory: a resumed run must keep them (steps, evaluation and
+#: logging settings may change)
+TRAJECTORY_FIELDS = ("model", "task", "optimizer", "lr", "eps", "batch_size", "weight_decay", "schedule",
+                     "warmup_steps", "distribution", "optimizer_args", "peft", "lora_r", "lora_alpha",
+                     "lora_targets", "prefix_tokens", "objective", "template", "task_args", "k", "data_seed",
+                     "max_train", "max_dev", "max_length", "seed", "dtype")
+
+
+def check_resume_config(out: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume a run with settings that would change its trajectory."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+
+    def same(v: Any) -> Any:  # compare as JSON sees it (tuples -> lists, int keys -> str)
+        return json.loads(json.dumps(v))
+
+    changed = [f"{k} {saved[k]!r} -> {resolved[k]!r}" for k in TRAJECTORY_FIELDS
+               if k in saved and same(saved[k]) != same(resolved[k])]
+    if changed:
+        raise UserError(f"--resume: the run in {out} was started with other settings ({'; '.join(changed)}); "
+                        "resume with the saved settings (omit these flags) or start a new run in another "
+                        "--output-dir")
+
+
 def _prepare_output_dir(config: TrainConfig, is_main: bool) -> Path:
     out = Path(config.output_dir)
     if is_main:
@@ -326,11 +352,14 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     optimizer_kwargs = dict(lr=lr, eps=eps, weight_decay=config.weight_decay, seed=config.seed,
                             distribution=config.distribution, **config.optimizer_args)
     check_optimizer_args(optimizer_cls, optimizer_kwargs)  # before anything is loaded or written
+    resolved = {**dataclasses.asdict(config), "lr": lr, "eps": eps, "optimizer": optimizer_cls.__name__}
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
     is_main = dist is None or dist.is_main
     out = _prepare_output_dir(config, is_main)
+    if config.resume:
+        check_resume_config(out, resolved)
     if dist is not None:
         dist.barrier()
     wall_start = time.time()
@@ -345,7 +374,6 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     optimizer = optimizer_cls(model, **optimizer_kwargs, process_group=dist.group if dist is not None else None,
                               check_every=100 if dist is not None else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    resolved = {**dataclasses.asdict(config), "lr": lr, "eps": eps, "optimizer": optimizer_cls.__name__}
 
     def run_eval(examples, split: str) -> dict[str, float]:
         metrics = evaluate(model, tokenizer, task, examples, batch_size=config.eval_batch_size,
@@ -356,8 +384,8 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     if config.resume:
         ckpt = out / "checkpoint"
         load_trainable(model, ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=False))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
         loop.update(json.loads((ckpt / "loop.json").read_text()))
     elif is_main:
         (out / "config.json").write_text(json.dumps(resolved, indent=2))

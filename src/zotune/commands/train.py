@@ -45,7 +45,7 @@ HELP: dict[str, str] = {
     "eval_every": "evaluate on dev every N steps (0: only at the end); keeps the best checkpoint",
     "early_stop": "stop after N evaluations without dev improvement (0: never)",
     "save_every": "write checkpoint/ every N steps (it is always written at the end)",
-    "resume": "continue the run in --output-dir from its checkpoint",
+    "resume": "continue the run in --output-dir from its checkpoint, with the settings it was started with",
     "overwrite": "replace a non-empty --output-dir",
     "optimizer_args": "extra optimizer arguments as JSON (or use --opt KEY=VALUE)",
 }
@@ -86,6 +86,7 @@ def _base_type(kind: Any) -> type:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Saved run settings (with --resume) < the --config file < the flags given."""
     values: dict[str, Any] = {}
     if args.config:
         values.update(load_config_file(args.config))
@@ -93,12 +94,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+    if values.get("resume"):
+        values = {**saved_run_config(values.get("output_dir", TrainConfig.output_dir)), **values}
     for flag, key in (("opt", "optimizer_args"), ("task_arg", "task_args")):
         extra = dict(values.get(key) or {})
         extra.update(parse_key_values(getattr(args, flag, []), "--" + flag.replace("_", "-")))
         if extra:
             values[key] = extra
     return TrainConfig.from_dict(values)
+
+
+def saved_run_config(output_dir: str) -> dict[str, Any]:
+    """The settings a run in ``output_dir`` was started with (its config.json), if any."""
+    path = Path(output_dir) / "config.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    keep = set(TrainConfig.field_names()) - {"resume", "overwrite"}
+    return {k: v for k, v in saved.items() if k in keep}
 
 
 def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
