@@ -40,7 +40,7 @@ def test_zotrainer_trains_and_lr_schedule_applies(tmp_path, name):
     trainer = make_trainer(tmp_path, max_steps=6, zo_optimizer=name, zo_kwargs={"eps": 1e-3})
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
-    opt = trainer._zo()
+    opt = trainer.zo_optimizer
     assert opt.step_count == 6  # one ZO step per Trainer step, no double stepping
     assert opt.zo_state["forwards"] == 12
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # linear schedule decayed to 0

@@ -1,7 +1,7 @@
 """The zotune training loop: a prompt-based task, a causal LM, a zeroth-order optimizer.
 
     >>> from zotune.train import TrainConfig, train          # doctest: +SKIP
-    >>> results = train(TrainConfig(task="sst2", optimizer="zosgd", steps=100, output_dir="runs/x"))
+    >>> results = train(TrainConfig(task="sst2", optimizer="zosgd", steps=100, output_dir="runs/x"))  # doctest: +SKIP
 
 What a run writes into ``output_dir``:
 

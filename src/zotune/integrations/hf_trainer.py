@@ -5,11 +5,21 @@ feature -- the inner loop, lr schedulers, logging, evaluation, callbacks, checkp
 resuming (the ZO state, including the step counter that drives the direction seeds, is in
 ``optimizer.state_dict()``) -- keeps working.
 
-    >>> from transformers import TrainingArguments                   # doctest: +SKIP
-    >>> trainer = ZOTrainer(model=model, args=TrainingArguments("out", learning_rate=1e-6,
-    ...                     lr_scheduler_type="constant", max_steps=1000),
-    ...                     train_dataset=ds, zo_optimizer="hizoo", zo_kwargs={"eps": 1e-3})
-    >>> trainer.train()
+    >>> import tempfile, torch
+    >>> from transformers import TrainingArguments
+    >>> from zotune.integrations import ZOTrainer
+    >>> from zotune.testing import tiny_causal_lm
+    >>> model = tiny_causal_lm()                                 # any causal LM
+    >>> train_ds = [{"input_ids": x, "labels": x} for x in torch.randint(0, 256, (32, 16))]
+    >>> args = TrainingArguments(tempfile.mkdtemp(), learning_rate=1e-4, max_steps=5, per_device_train_batch_size=8,
+    ...                          lr_scheduler_type="constant", report_to=[], save_strategy="no",
+    ...                          disable_tqdm=True, logging_strategy="no", use_cpu=True)
+    >>> trainer = ZOTrainer(model=model, args=args, train_dataset=train_ds,
+    ...                     zo_optimizer="hizoo", zo_kwargs={"eps": 1e-3, "alpha": 1e-6})
+    >>> result = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> result.global_step, trainer.zo_optimizer.zo_state["forwards"]     # 3 forwards per HiZOO step
+    (5, 15)
 
 The closure is ``compute_loss(model, inputs)`` (the model's own loss on the batch) evaluated in
 eval mode without gradients. Pass ``zo_loss_fn(model, inputs) -> loss`` for another objective
@@ -65,8 +75,12 @@ class ZOTrainer(Trainer):
                 self.optimizer = zo.create(spec, self.model, **kwargs)
         return self.optimizer
 
-    def _zo(self) -> zo.ZOOptimizer:
+    @property
+    def zo_optimizer(self) -> zo.ZOOptimizer:
+        """The zotune optimizer itself (unwrapped from accelerate's ``AcceleratedOptimizer``)."""
         opt = self.optimizer
+        if opt is None:
+            raise RuntimeError("the optimizer is created by train() (or create_optimizer())")
         while not isinstance(opt, zo.ZOOptimizer):  # unwrap accelerate's AcceleratedOptimizer
             inner = getattr(opt, "optimizer", None)
             if inner is None:
@@ -77,7 +91,7 @@ class ZOTrainer(Trainer):
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:  # type: ignore[override]
         inputs = self._prepare_inputs(inputs)
-        optimizer = self._zo()
+        optimizer = self.zo_optimizer
 
         def closure() -> torch.Tensor:
             if self.zo_loss_fn is not None:
