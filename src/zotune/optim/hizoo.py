@@ -20,6 +20,7 @@ between: 2n + 1/k forwards per step on average.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,17 @@ H_FLOOR = 1e-4
 WARMUP_SAMPLE_OFFSET = 1 << 20
 
 EstimateHook = Callable[[Block, torch.Tensor], None]
+
+
+class Estimate(NamedTuple):
+    """A block's Hessian estimate ``scale * values`` (a scalar kept apart saves a pass over the block)."""
+
+    values: torch.Tensor
+    scale: float
+    nonnegative: bool  # values >= 0 by construction: |est| = |scale| values needs no abs pass
+
+    def full(self) -> torch.Tensor:
+        return self.values * self.scale
 
 
 class HiZOO(ZOOptimizer):
@@ -146,14 +158,15 @@ class HiZOO(ZOOptimizer):
             return stored  # already clamped when it was written
         return stored.abs().clamp_(min=self._floor(group), max=group["h_max"])
 
-    def _store_h(self, h: torch.Tensor, est: torch.Tensor, alpha: float, group: dict) -> None:
-        """h <- (1 - alpha) h + alpha |est| (or the signed EMA), clamped; ``est`` may be overwritten."""
+    def _store_h(self, h: torch.Tensor, est: Estimate, alpha: float, group: dict) -> None:
+        """h <- (1 - alpha) h + alpha |est| (or the signed EMA), clamped; ``est.values`` may be overwritten."""
         if self.abs_after_ema:
-            h.mul_(1.0 - alpha).add_(est, alpha=alpha)
+            h.mul_(1.0 - alpha).add_(est.values, alpha=alpha * est.scale)
             if group["h_max"] is not None:
                 h.clamp_(min=-group["h_max"], max=group["h_max"])
         else:
-            h.mul_(1.0 - alpha).add_(est.abs_(), alpha=alpha)
+            magnitude = est.values if est.nonnegative else est.values.abs_()
+            h.mul_(1.0 - alpha).add_(magnitude, alpha=alpha * abs(est.scale))
             if group["h_min"] is not None or group["h_max"] is not None:
                 h.clamp_(min=group["h_min"], max=group["h_max"])
 
@@ -163,9 +176,12 @@ class HiZOO(ZOOptimizer):
             return torch.abs(h, out=out).clamp_(min=self._floor(group), max=group["h_max"]).sqrt_()
         return torch.sqrt(h, out=out)
 
+    def root_h(self, block: Block) -> torch.Tensor:
+        """sqrt(h) of one block, as a new block-sized tensor (the preconditioner of u = z / sqrt(h))."""
+        return self._root_h(block.view(block.state["hessian"]), block.group)
+
     def direction(self, block: Block, noise: list[torch.Tensor]) -> torch.Tensor:
-        # one temporary per block: the root, then divided into in place (same rounding as z / root)
-        root = self._root_h(block.view(block.state["hessian"]), block.group)
+        root = self.root_h(block)
         return torch.div(noise[0], root, out=root)
 
     def alpha_at(self, group: dict, t: int | None = None) -> float:
@@ -179,20 +195,22 @@ class HiZOO(ZOOptimizer):
             return alpha / (1.0 + t / horizon)
         return alpha * max(0.0, 1.0 - t / float(self.alpha_decay_steps))  # linear
 
-    def _estimate(self, noises: Noises, scales: Sequence[float], h_prev: torch.Tensor) -> torch.Tensor:
-        """sum_i scales[i] (z_i^2 - k) * h_prev, a new block-sized tensor."""
+    def _estimate(self, noises: Noises, scales: Sequence[float], h_prev: torch.Tensor) -> Estimate:
+        """``sum_i scales[i] (z_i^2 - k) * h_prev`` (k = 1 with the trace correction); a new block tensor."""
+        if len(scales) == 1:  # the scalar stays outside: one pass fewer, and z^2 h >= 0 needs no |.|
+            zz = self._squared(noises[0], h_prev)
+            return Estimate(zz.mul_(h_prev), scales[0], nonnegative=not self.trace_correction)
         est: torch.Tensor | None = None
         for noise, scale in zip(noises, scales):
-            z = noise[0].to(h_prev.dtype)  # the noise is fp32; float64 parameters keep float64 state
-            zz = z * z
-            if self.trace_correction:
-                zz.sub_(1.0)
-            if est is None:
-                est = zz.mul_(scale)
-            else:
-                est.add_(zz, alpha=scale)
+            zz = self._squared(noise, h_prev)
+            est = zz.mul_(scale) if est is None else est.add_(zz, alpha=scale)
         assert est is not None
-        return est.mul_(h_prev)
+        return Estimate(est.mul_(h_prev), 1.0, nonnegative=False)
+
+    def _squared(self, noise: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        z = noise[0].to(like.dtype)  # the noise is fp32; float64 parameters keep float64 state
+        zz = z * z
+        return zz.sub_(1.0) if self.trace_correction else zz
 
     # ------------------------------------------------------------------ the step
     def _probe(self, closure: Closure, seeds: Sequence[int], l0: float | None) -> tuple[list[float], list[float]]:
@@ -226,8 +244,7 @@ class HiZOO(ZOOptimizer):
 
         def kernel(block: Block, noises: Noises) -> None:
             h = block.view(block.state["hessian"])
-            est = self._estimate(noises, scales, self.effective_h(h, block.group))
-            self._store_h(h, est, 1.0, block.group)
+            self._store_h(h, self._estimate(noises, scales, self.effective_h(h, block.group)), 1.0, block.group)
             if not self.abs_after_ema and block.group["h_min"] is None:
                 h.clamp_(min=H_FLOOR)
 
@@ -235,7 +252,11 @@ class HiZOO(ZOOptimizer):
         self.zo_state["warm_started"] = True
 
     def _descend(self, block: Block, noises: Noises, grads: Sequence[float], root: torch.Tensor) -> None:
-        """theta <- theta (1 - lr wd) - lr / n sum_i c_i z_i / root; overwrites the noise (its last use)."""
+        """theta <- theta (1 - lr wd) - lr / n sum_i c_i z_i / root; overwrites the noise (its last use).
+
+        z / root, then an add with alpha (one rounding, as ZO-SGD's update): at h = 1 this is
+        ZO-SGD bit for bit (a fused addcdiv rounds twice).
+        """
         g = block.group
         if g["weight_decay"]:
             block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
@@ -251,7 +272,7 @@ class HiZOO(ZOOptimizer):
         self.zo_state["last_projected_grads"] = grads
 
         def kernel(block: Block, noises: Noises) -> None:
-            self._descend(block, noises, grads, self._root_h(block.view(block.state["hessian"]), block.group))
+            self._descend(block, noises, grads, self.root_h(block))
 
         self._update(seeds, kernel)
         losses = self.zo_state["last_losses"]
@@ -276,11 +297,10 @@ class HiZOO(ZOOptimizer):
             h = block.view(block.state["hessian"])
             est = self._estimate(noises, scales, self.effective_h(h, g))
             if hook is not None:
-                hook(block, est)
+                hook(block, est.full())
             self._store_h(h, est, alphas[block.slot.group_index], g)
-            # est is spent: its buffer takes sqrt(h_t), and z / sqrt(h_t) overwrites the noise
-            # (the last use of this block's noise), so the kernel holds one block temporary
-            self._descend(block, noises, grads, self._root_h(h, g, out=est))
+            # est is spent: its buffer takes sqrt(h_t), so the kernel holds one block temporary
+            self._descend(block, noises, grads, self._root_h(h, g, out=est.values))
 
         self._update(seeds, kernel)
         return l0

@@ -21,6 +21,8 @@ blocks and therefore cannot be the same pass).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zotune.distributed import local_rows_of
@@ -105,20 +107,27 @@ class HiZOOLowRank(HiZOO):
         state["row_total"] = float(m * n)  # sum(R), kept as a float (deterministic)
 
     def _product(self, block: Block, row: torch.Tensor, col: torch.Tensor, total: float) -> torch.Tensor:
-        """The block's rows of h = R C^T / sum(R), clamped to [h_min, h_max]."""
-        h = torch.outer(row[block.r0 : block.r1], col).div_(total)
+        """The block's rows of h = R C^T / sum(R), clamped to [h_min, h_max] (one pass over the block)."""
+        h = torch.outer(row[block.r0 : block.r1] / total, col)
         g = block.group
         if g["h_min"] is not None or g["h_max"] is not None:
             h.clamp_(min=g["h_min"], max=g["h_max"])
         return h
 
-    def direction(self, block: Block, noise: list[torch.Tensor]) -> torch.Tensor:
+    def _root_product(self, block: Block, row: torch.Tensor, col: torch.Tensor, total: float) -> torch.Tensor:
+        """sqrt(h) of the block as the outer product of the factors' square roots (one pass)."""
+        root = torch.outer((row[block.r0 : block.r1] / total).sqrt_(), col.sqrt())
+        g = block.group
+        if g["h_min"] is not None or g["h_max"] is not None:
+            root.clamp_(min=None if g["h_min"] is None else math.sqrt(g["h_min"]),
+                        max=None if g["h_max"] is None else math.sqrt(g["h_max"]))
+        return root
+
+    def root_h(self, block: Block) -> torch.Tensor:
         st = block.state
         if "row" in st:
-            h = self._product(block, st["row"], st["col"], st["row_total"])
-        else:
-            h = block.view(st["hessian"])
-        return noise[0] / h.sqrt()
+            return self._root_product(block, st["row"], st["col"], st["row_total"])
+        return super().root_h(block)
 
     def _zo_step(self, closure: Closure) -> float:
         (l0,) = self._reduce(self._forward(closure))
@@ -139,10 +148,10 @@ class HiZOOLowRank(HiZOO):
                 return
             est = self._estimate(noises, scales, self._product(block, st["row"], st["col"], st["row_total"]))
             if hook is not None:
-                hook(block, est)
-            est.abs_()
-            row_sums[block.slot.index][block.r0 : block.r1] = est.sum(dim=1)
-            col_parts[(block.slot.index, block.r0)] = est.sum(dim=0)
+                hook(block, est.full())
+            magnitude = est.values if est.nonnegative else est.values.abs_()
+            row_sums[block.slot.index][block.r0 : block.r1] = magnitude.sum(dim=1).mul_(abs(est.scale))
+            col_parts[(block.slot.index, block.r0)] = magnitude.sum(dim=0).mul_(abs(est.scale))
 
         self._sweep([seed], sums)
         new: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -156,18 +165,17 @@ class HiZOOLowRank(HiZOO):
             new[s.index] = (row, col, float(row.double().sum()))
 
         def kernel(block: Block, noises: Noises) -> None:  # pass 4: restore + update
-            g, st = block.group, block.state
+            st = block.state
             if "row" in st:
-                h = self._product(block, *new[block.slot.index])
+                root = self._root_product(block, *new[block.slot.index])
             else:
                 h = block.view(st["hessian"])
                 est = self._estimate(noises, scales, h)
                 if hook is not None:
-                    hook(block, est)
-                self._store_h(h, est, alphas[block.slot.group_index], g)
-            if g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
-            block.param.add_(noises[0][0] / h.sqrt(), alpha=-g["lr"] * c)
+                    hook(block, est.full())
+                self._store_h(h, est, alphas[block.slot.group_index], block.group)
+                root = torch.sqrt(h, out=est.values)
+            self._descend(block, noises, [c], root)
 
         self._update([seed], kernel)
         for s in slots:
