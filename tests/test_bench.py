@@ -69,11 +69,26 @@ def test_select_cases_distributions():
     assert {c.optimizer for c in default} == set(zo.available())
 
 
+def test_variant_rows_and_exact_state_accounting():
+    cases = {c.key: c for c in sb.select_cases(["hizoo"], None, naive=False)}
+    variant = cases["HiZOO[hessian_every=2]/gaussian"]
+    assert variant.options == {"hessian_every": 2}
+    assert sb.Case.from_memory_case(variant.memory_case) == sb.Case("HiZOO", "gaussian", options={"hessian_every": 2})
+    model = sb.build_model("tiny")
+    params = 4 * sb.param_count(model)
+    runner = sb.make_runner(variant, model)
+    assert runner.hessian_every == 2 and sb._forwards_per_step(runner, variant) == 2.5
+    assert sb.state_bytes(runner) == params  # h: exactly one fp32 buffer the size of the parameters
+    assert sb.state_bytes(sb.make_runner(cases["ZOSGD/gaussian"], model)) == 0
+    assert sb.state_bytes(sb.make_runner(sb.Case("ZOAdam"), model)) == 2 * params
+    assert 0 < sb.state_bytes(sb.make_runner(sb.Case("HiZOOLowRank"), model)) < 0.05 * params
+
+
 def test_memory_subprocess_tiny():
     args = argparse.Namespace(model_shape="tiny", batch="2x16", threads=1, seed=0, memory_steps=1)
     report = sb.run_memory_subprocess("opt:ZOSGD:gaussian", args)
     assert "error" not in report, report
-    assert report["params"] > 0
+    assert report["params"] > 0 and report["state_bytes"] == 0
     assert report["peak_mb"] >= report["rss_after_import_mb"] > 0
 
 

@@ -91,15 +91,20 @@ MEMORY_MARK = "ZOTUNE_MEMORY "
 CLEAN_LOAD = 0.3  # foreign cores above which a sample counts as contended
 MMAP_THRESHOLD = 128 * 1024  # glibc's default M_MMAP_THRESHOLD, pinned in the memory subprocesses
 
-#: (what, value key, limit, case key) -- the targets of the performance issue (opt-125m, 16x64)
+#: (what, value key, limit, case key) -- the targets of the performance issues (opt-125m, 16x64)
 TARGETS: list[tuple[str, str, float, str]] = [
     ("ZO-SGD Gaussian step / 2F", "step_over_2F", 1.4, "ZOSGD/gaussian"),
     ("ZO-SGD Rademacher step / 2F", "step_over_2F", 1.15, "ZOSGD/rademacher"),
     ("ZO-SGD Gaussian peak / inference peak", "peak_over_inference", 1.02, "ZOSGD/gaussian"),
     ("HiZOO step / ZO-SGD step", "vs_reference", 1.35, "HiZOO/gaussian"),
+    ("HiZOO hessian_every=2 step / ZO-SGD step", "vs_reference", 1.35, "HiZOO[hessian_every=2]/gaussian"),
+    ("HiZOO optimizer state (x params, exact)", "state_params", 1.0, "HiZOO/gaussian"),
     ("HiZOO extra memory (x params)", "extra_params", 1.0, "HiZOO/gaussian"),
     ("HiZOO-L extra memory (x params)", "extra_params", 0.05, "HiZOOLowRank/gaussian"),
 ]
+#: extra rows with non-default options, timed and measured like the others: HiZOO's lazy Hessian
+#: refresh (2.5 forwards per step instead of 3) is the cheaper variant the targets compare with
+VARIANTS: dict[str, list[dict[str, Any]]] = {"HiZOO": [{"hessian_every": 2}]}
 
 
 # ---------------------------------------------------------------------- CLI
@@ -242,19 +247,38 @@ class Case:
 
     optimizer: str  # registered class name, or NAIVE
     distribution: str = "gaussian"
-    forwards_per_step: int = 2
+    forwards_per_step: float = 2
     state_buffers: tuple[str, ...] = ()
     summary: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # constructor options of a variant row
     error: str | None = None
     runner: Any = field(default=None, repr=False)  # the optimizer / NaiveMeZO instance
 
     @property
+    def name(self) -> str:
+        """``HiZOO`` or, for a variant, ``HiZOO[hessian_every=2]``."""
+        if not self.options:
+            return self.optimizer
+        return f"{self.optimizer}[{','.join(f'{k}={v}' for k, v in sorted(self.options.items()))}]"
+
+    @property
     def key(self) -> str:
-        return NAIVE if self.optimizer == NAIVE else f"{self.optimizer}/{self.distribution}"
+        return NAIVE if self.optimizer == NAIVE else f"{self.name}/{self.distribution}"
 
     @property
     def memory_case(self) -> str:
-        return NAIVE if self.optimizer == NAIVE else f"opt:{self.optimizer}:{self.distribution}"
+        if self.optimizer == NAIVE:
+            return NAIVE
+        return f"opt:{self.optimizer}:{self.distribution}" + (f":{json.dumps(self.options)}" if self.options else "")
+
+    @classmethod
+    def from_memory_case(cls, case: str) -> Case:
+        if case == NAIVE:
+            return cls(NAIVE)
+        if not case.startswith("opt:"):
+            raise UserError(f"unknown memory case {case!r}")
+        _, name, dist, *options = case.split(":", 3)
+        return cls(name, dist, options=json.loads(options[0]) if options else {})
 
 
 def select_cases(optimizers: list[str] | None, distribution: str | None, naive: bool = True) -> list[Case]:
@@ -274,8 +298,10 @@ def select_cases(optimizers: list[str] | None, distribution: str | None, naive: 
             dists = ["gaussian", "rademacher"] if name == REFERENCE else ["gaussian"]
         cls = zo.get(name)
         for d in dists:
-            cases.append(Case(name, d, int(getattr(cls, "forwards_per_step", 2)),
-                              tuple(getattr(cls, "state_buffers", ())), str(getattr(cls, "summary", ""))))
+            for options in [{}, *VARIANTS.get(name, [])]:
+                cases.append(Case(name, d, int(getattr(cls, "forwards_per_step", 2)),
+                                  tuple(getattr(cls, "state_buffers", ())), str(getattr(cls, "summary", "")),
+                                  options=dict(options)))
     return cases
 
 
@@ -285,12 +311,30 @@ def make_runner(case: Case, model: nn.Module, seed: int = 0) -> Any:
 
     if case.optimizer == NAIVE:
         return NaiveMeZO(model, seed=seed)
-    return zo.create(case.optimizer, model, distribution=case.distribution, seed=seed)
+    return zo.create(case.optimizer, model, distribution=case.distribution, seed=seed, **case.options)
 
 
 def _declared_state(runner: Any, case: Case) -> tuple[str, ...]:
     """The instance's ``state_buffers`` (some depend on constructor options)."""
     return tuple(getattr(runner, "state_buffers", case.state_buffers))
+
+
+def _forwards_per_step(runner: Any, case: Case) -> float:
+    """Mean forwards per step: HiZOO with ``hessian_every = k`` spends the forward at theta every k-th step."""
+    k = int(getattr(runner, "hessian_every", 1) or 1)
+    n = float(getattr(runner, "forwards_per_step", case.forwards_per_step))
+    return n - 1.0 + 1.0 / k if k > 1 else n
+
+
+def state_bytes(runner: Any) -> int:
+    """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)."""
+    if not isinstance(runner, torch.optim.Optimizer):
+        return 0
+    if hasattr(runner, "_prepare"):
+        runner._prepare()  # the state exists before the first step
+    total = sum(t.numel() * t.element_size() for st in runner.state.values() for t in st.values() if torch.is_tensor(t))
+    shadows = getattr(runner, "_shadows", None) or {}
+    return total + sum(t.numel() * t.element_size() for t in shadows.values())
 
 
 # ---------------------------------------------------------------------- timing
@@ -471,16 +515,10 @@ def memory_case(case: str, shape: str, batch: int, seq: int, steps: int = 2, see
         for _ in range(steps):
             closure()
     else:
-        if case == NAIVE:
-            c = Case(NAIVE)
-        elif case.startswith("opt:"):
-            _, name, dist = case.split(":")
-            c = Case(name, dist)
-        else:
-            raise UserError(f"unknown memory case {case!r}")
-        runner = make_runner(c, model, seed)
+        runner = make_runner(Case.from_memory_case(case), model, seed)
         for _ in range(steps):
             runner.step(closure)
+        out["state_bytes"] = state_bytes(runner)
     out["peak_mb"] = _status_kb("VmHWM") / 1024
     return out
 
@@ -520,7 +558,8 @@ def measure_memory(cases: list[Case], args: argparse.Namespace, param_bytes: int
         if not good:
             return {"error": reports[-1].get("error", "no report")}
         return {"peak_mb": median(r["peak_mb"] for r in good), "peaks_mb": [r["peak_mb"] for r in good],
-                "peak_reset": all(r.get("peak_reset", True) for r in good)}
+                "peak_reset": all(r.get("peak_reset", True) for r in good),
+                **({"state_bytes": good[0]["state_bytes"]} if "state_bytes" in good[0] else {})}
 
     t0 = time.perf_counter()
     todo = [c for c in cases if c.error is None]
@@ -540,6 +579,9 @@ def measure_memory(cases: list[Case], args: argparse.Namespace, param_bytes: int
             r["peak_over_inference"] = (r["peak_mb"] - base["peak_mb"]) / above_inf if above_inf > 0 else None
             r["extra_mb"] = r["peak_mb"] - inference["peak_mb"]
             r["extra_params"] = r["extra_mb"] * 2**20 / param_bytes
+            if "state_bytes" in r:  # exact, from the optimizer's tensors; the rest is engine/allocator overhead
+                r["state_params"] = r["state_bytes"] / param_bytes
+                r["overhead_mb"] = r["extra_mb"] - r["state_bytes"] / 2**20
         out["cases"][c.key] = r
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -554,9 +596,9 @@ def evaluate_targets(rows: dict[str, dict[str, Any]], applies: bool = True) -> l
     """
     out = []
     for what, key, limit, case_key in TARGETS:
-        name = case_key.split("/")[0]
+        name, _, variant = case_key.split("/")[0].partition("[")
         cls_name = find_optimizer(name)
-        row = rows.get(f"{cls_name}/{case_key.split('/')[1]}") if cls_name else None
+        row = rows.get(f"{cls_name}{'[' + variant if variant else ''}/{case_key.split('/')[1]}") if cls_name else None
         value = row.get(key) if row else None
         out.append({"target": what, "limit": limit, "value": value, "applies": applies,
                     "met": None if value is None or not applies else bool(value <= limit)})
@@ -579,22 +621,23 @@ def format_report(result: dict[str, Any]) -> str:
         "",
     ]
     headers = ["method", "z", "fwd", "state", "step s", "step/kF", "step/2F", "vs ZO-SGD",
-               "x faster than MeZO ref", "peak/inf", "extra xP", "load", "clean"]
+               "x faster than MeZO ref", "peak/inf", "extra xP", "state xP", "overhead MB", "load", "clean"]
     rows = []
     for row in result["rows"]:
         t = row.get("timing") or {}
         m = row.get("memory") or {}
+        name = row.get("name", row["optimizer"])
         if row.get("error") and not t:
-            rows.append([row["optimizer"], row["distribution"][:5], row["forwards_per_step"],
-                         len(row["state_buffers"]), "skipped: " + row["error"][:60], *([DASH] * 8)])
+            rows.append([name, row["distribution"][:5], fmt(row["forwards_per_step"], "g"),
+                         len(row["state_buffers"]), "skipped: " + row["error"][:60], *([DASH] * 10)])
             continue
         rows.append([
-            row["optimizer"], row["distribution"][:5], row["forwards_per_step"], len(row["state_buffers"]),
+            name, row["distribution"][:5], fmt(row["forwards_per_step"], "g"), len(row["state_buffers"]),
             fmt(t.get("step_s"), ".2f"), fmt(t.get("step_over_kF"), ".2f", "x"),
             fmt(t.get("step_over_2F"), ".2f", "x"), fmt(t.get("vs_reference"), ".2f", "x"),
             fmt(t.get("speedup_vs_naive"), ".2f", "x"), fmt(m.get("peak_over_inference"), ".3f", "x"),
-            fmt(m.get("extra_params"), ".2f"), fmt(t.get("other_load_median"), ".2f"),
-            f"{t.get('clean_rounds', 0)}/{cfg['rounds']}",
+            fmt(m.get("extra_params"), ".3f"), fmt(m.get("state_params"), ".3f"), fmt(m.get("overhead_mb"), ".1f"),
+            fmt(t.get("other_load_median"), ".2f"), f"{t.get('clean_rounds', 0)}/{cfg['rounds']}",
         ])
     lines.append(markdown_table(headers, rows))
     lines += [
@@ -602,7 +645,9 @@ def format_report(result: dict[str, Any]) -> str:
         "fwd: forwards per step (k); state: parameter-sized buffers the method declares; step/kF and "
         "step/2F: step time over k or 2 forwards of the same round; vs ZO-SGD: step time over ZO-SGD's "
         "(same z); peak/inf: peak RSS above the import baseline over inference's; extra xP: (step peak - "
-        "inference peak) / fp32 parameter bytes; load: cores other processes used meanwhile (median); "
+        "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors / parameter "
+        "bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block temporaries, "
+        "allocator); load: cores other processes used meanwhile (median); "
         f"clean: rounds in which the step and the forwards ran with other load < {CLEAN_LOAD} cores (ratios "
         "use only those when there are at least two).",
     ]
@@ -626,6 +671,11 @@ def format_report(result: dict[str, Any]) -> str:
         [[t["target"], f"{t['limit']:g}", fmt(t["value"], ".3f"),
           ("n/a" if not t.get("applies", True) else DASH) if t["met"] is None else ("yes" if t["met"] else "no")]
          for t in result["targets"]]))
+    passes = timing.get("passes", {}).get(f"{REFERENCE}/gaussian")
+    if passes and f == f:
+        p = passes["pass_s"]
+        lines += ["", f"Floor of a 3-forward method with ZO-SGD's three passes: (3F + 3P) / (2F + 3P) = "
+                      f"{(3 * f + 3 * p) / (2 * f + 3 * p):.2f}x ZO-SGD's step (F = {f:.3f} s, Gaussian P = {p:.3f} s)"]
     return "\n".join(lines)
 
 
@@ -648,6 +698,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         try:
             c.runner = make_runner(c, model, args.seed)
             c.state_buffers = _declared_state(c.runner, c)
+            c.forwards_per_step = _forwards_per_step(c.runner, c)
         except Exception as e:  # e.g. a method that needs arguments the benchmark does not know
             c.error = f"construction failed: {type(e).__name__}: {e}"
             log(f"  {c.key}: {c.error}")
@@ -666,7 +717,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     for c in cases:
         t = timing["cases"].get(c.key)
         m = (memory or {}).get("cases", {}).get(c.key) if memory else None
-        rows.append({"key": c.key, "optimizer": c.optimizer, "distribution": c.distribution,
+        rows.append({"key": c.key, "name": c.name, "optimizer": c.optimizer, "options": c.options,
+                     "distribution": c.distribution,
                      "forwards_per_step": c.forwards_per_step, "state_buffers": list(c.state_buffers),
                      "summary": c.summary, "error": c.error, "timing": t, "memory": m})
         flat[c.key] = {**(t or {}), **(m or {})}
