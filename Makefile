@@ -25,14 +25,14 @@ demo: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) -m zotune train --config configs/demo.yaml --output-dir $(DEMO_DIR) --overwrite
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow or integration"
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
 
 bench-step: $(VENV)/.installed
 	$(PY) -m zotune bench step --model-shape opt-125m --json bench-step.json

@@ -8,7 +8,7 @@ every other method is element-wise and does not see the shape.
 
 Every registered optimizer is run (``zotune.optim.available()``); HiZOO also as one row per
 option (published default, trace correction, abs-after-EMA, clamping, warm start, harmonic
-alpha schedule, n_samples = 4) and over an alpha grid. For each row and problem:
+alpha schedule, n_samples = 4, hessian_every = 2) and over an alpha grid. For each row and problem:
 
 1. **screen** (median of seeds 0-2; seed 2 runs only when 0 and 1 disagree, otherwise the
    worse of the two): hill-climb over a half-decade learning-rate grid (per alpha), starting
@@ -103,6 +103,7 @@ def default_rows(methods: Sequence[str], alphas: Sequence[float], max_steps: int
                 Row("HiZOO warm start (10 probes)", name, {"warmup_probes": 10}, a),
                 Row("HiZOO harmonic alpha", name, {"alpha_schedule": "harmonic"}, a),
                 Row("HiZOO n_samples=4", name, {"n_samples": 4}, a),
+                Row("HiZOO hessian_every=2", name, {"hessian_every": 2}, a),
                 Row("HiZOO trace + abs_after_ema + harmonic", name,
                     {"trace_correction": True, "abs_after_ema": True, "alpha_schedule": "harmonic"}, a),
             ]

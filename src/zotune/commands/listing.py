@@ -39,5 +39,16 @@ def _row(info: object) -> str:
     if dataclasses.is_dataclass(info):
         d = dataclasses.asdict(info)
         name = d.pop("name", "")
-        return f"{name:<16} " + "; ".join(f"{k}: {v}" for k, v in d.items() if v not in (None, "", []))
+        return f"{name:<16} " + "; ".join(f"{k}: {_text(v)}" for k, v in d.items() if v not in (None, "", [], ()))
     return str(info)
+
+
+def _text(value: object) -> str:
+    """A listing value as a user reads it: ``mezo, lmbff`` rather than ``('mezo', 'lmbff')``."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
