@@ -91,6 +91,23 @@ def test_directory_without_model_is_user_error(tmp_path: Path) -> None:
         load_model(tmp_path)
 
 
+def test_directory_without_tokenizer_files_is_user_error(tmp_path: Path) -> None:
+    tiny_causal_lm().save_pretrained(tmp_path)  # config + weights, no tokenizer
+    with pytest.raises(UserError, match=r"has no tokenizer files; save the model.s tokenizer there"):
+        load_model(tmp_path)
+
+
+def test_model_that_is_not_a_causal_lm_is_one_short_user_error(tmp_path: Path) -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="decoder-only causal LMs") as e:
+        load_model(tmp_path)
+    assert "Model type should be one of" not in str(e.value) and len(str(e.value)) < 400
+
+
 def test_device_and_device_map_together_is_user_error() -> None:
     with pytest.raises(UserError, match="device_map"):
         load_model("smollm2-135m", device="cpu", device_map="cpu")

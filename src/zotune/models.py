@@ -635,12 +635,41 @@ def _load_pretrained(
         raise UserError(f"{_not_found_message(str(source))}\n(transformers said: {e})") from e
     except ValueError as e:
         kind = "masked LM (AutoModelForMaskedLM)" if masked_lm else "causal LM (AutoModelForCausalLM)"
-        raise UserError(f"could not load {str(source)!r} as a {kind}: {e}") from e
+        reason = str(e).split("\nModel type should be one of")[0]  # not the list of every architecture
+        raise UserError(f"could not load {str(source)!r} as a {kind}: {reason} zotune tunes decoder-only "
+                        "causal LMs (and masked LMs for LM-BFF prompts); pass such a model") from e
+    if gguf_file is None and Path(source).is_dir() and not any(
+        next(Path(source).glob(pattern), None) for pattern in TOKENIZER_FILES
+    ):
+        raise UserError(f"{NO_TOKENIZER.format(source=str(source))} (no tokenizer.json, tokenizer_config.json, "
+                        "vocab or *.model file)")
     try:
         tok = AutoTokenizer.from_pretrained(source, **tok_kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a tokenizer for {str(source)!r}: {e}") from e
+    _check_tokenizer(tok, source)
     return model, tok
+
+
+#: a sentence every real tokenizer encodes into known tokens
+TOKENIZER_PROBE = "The movie was great."
+#: a model directory with a tokenizer has at least one file matching one of these
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "special_tokens_map.json")
+NO_TOKENIZER = ("the model directory {source!r} has no tokenizer files; save the model's tokenizer there with "
+                "tokenizer.save_pretrained(DIR)")
+
+
+def _check_tokenizer(tok: Any, source: str | Path) -> None:
+    """Refuse a tokenizer that maps text to unknown tokens only.
+
+    transformers builds an empty tokenizer (special tokens only) from a directory that has a
+    config but no tokenizer files; training would then see nothing but ``<unk>``.
+    """
+    ids = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    unk = getattr(tok, "unk_token_id", None)
+    if not ids or (unk is not None and all(i == unk for i in ids)):
+        raise UserError(f"the tokenizer loaded for {str(source)!r} cannot encode text ({len(tok)} tokens, every "
+                        f"word is unknown): {NO_TOKENIZER.format(source=str(source))}")
 
 
 def load_model(

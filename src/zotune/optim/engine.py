@@ -472,8 +472,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     slot.master.copy_(slot.data)  # refresh the shadow in case weights were edited
 
     def _build_slots(self) -> list[_Slot]:
-
-
+        """One slot per trainable parameter, in param-group order (the index is part of the noise contract)."""
         slots: list[_Slot] = []
         index = 0
         for gi, group in enumerate(self.param_groups):
