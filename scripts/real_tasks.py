@@ -64,7 +64,7 @@ def main() -> None:
              "| s/step | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['peft']} ({r['trainable']:,}) | {r['optimizer']}, {r['steps']} | "
-                     f"{r['metric']} ({r['n_test']} examples) | {r['before']:.3f} | **{r['after']:.3f}** | "
+                     f"{r['metric']} ({r['n_test']} examples) | {r['before']:.3f} | {r['after']:.3f} | "
                      f"{r['dev_before']:.3f} -> {r['dev_after']:.3f} (step {r['best_step']}) | "
                      f"{r['s_per_step']:.1f} | {r['minutes']:.1f} |")
     lines += ["", "Commands (each from the pretrained model, with `--output-dir DIR` added):", ""]
