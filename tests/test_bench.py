@@ -77,7 +77,7 @@ def test_variant_rows_and_exact_state_accounting():
     model = sb.build_model("tiny")
     params = 4 * sb.param_count(model)
     runner = sb.make_runner(variant, model)
-    assert runner.hessian_every == 2 and sb._forwards_per_step(runner, variant) == 2.5
+    assert runner.hessian_every == 2 and runner.forwards_per_step == 2.5
     assert sb.state_bytes(runner) == params  # h: exactly one fp32 buffer the size of the parameters
     assert sb.state_bytes(sb.make_runner(cases["ZOSGD/gaussian"], model)) == 0
     assert sb.state_bytes(sb.make_runner(sb.Case("ZOAdam"), model)) == 2 * params

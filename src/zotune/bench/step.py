@@ -319,13 +319,6 @@ def _declared_state(runner: Any, case: Case) -> tuple[str, ...]:
     return tuple(getattr(runner, "state_buffers", case.state_buffers))
 
 
-def _forwards_per_step(runner: Any, case: Case) -> float:
-    """Mean forwards per step: HiZOO with ``hessian_every = k`` spends the forward at theta every k-th step."""
-    k = int(getattr(runner, "hessian_every", 1) or 1)
-    n = float(getattr(runner, "forwards_per_step", case.forwards_per_step))
-    return n - 1.0 + 1.0 / k if k > 1 else n
-
-
 def state_bytes(runner: Any) -> int:
     """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)."""
     if not isinstance(runner, torch.optim.Optimizer):
@@ -698,7 +691,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         try:
             c.runner = make_runner(c, model, args.seed)
             c.state_buffers = _declared_state(c.runner, c)
-            c.forwards_per_step = _forwards_per_step(c.runner, c)
+            c.forwards_per_step = getattr(c.runner, "forwards_per_step", c.forwards_per_step)  # options may change it
         except Exception as e:  # e.g. a method that needs arguments the benchmark does not know
             c.error = f"construction failed: {type(e).__name__}: {e}"
             log(f"  {c.key}: {c.error}")

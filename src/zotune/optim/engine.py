@@ -159,8 +159,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             hold identical parameters (0: never).
     """
 
-    #: forward passes per step (for documentation and benchmarks)
-    forwards_per_step: int = 2
+    #: forward passes per step, the mean over steps (for documentation and benchmarks)
+    forwards_per_step: float = 2
     #: independent normal streams the direction needs per seed
     noise_streams: int = 1
     #: d-sized fp32 state buffers the method keeps (memory accounting)

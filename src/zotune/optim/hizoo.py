@@ -138,7 +138,7 @@ class HiZOO(ZOOptimizer):
         self.alpha_schedule = alpha_schedule
         self.alpha_decay_steps = alpha_decay_steps
         self.hessian_every = int(hessian_every)
-        self.forwards_per_step = 2 * self.n_samples + 1  # on a step that refreshes h
+        self.forwards_per_step = 2 * self.n_samples + 1 / self.hessian_every  # mean over steps
         self.estimate_hook: EstimateHook | None = None
         defaults = dict(lr=lr, alpha=alpha, weight_decay=weight_decay, h_min=h_min, h_max=h_max)
         super().__init__(params, defaults, eps=eps, **engine)
