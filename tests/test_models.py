@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -635,3 +636,12 @@ def test_embedded_model_convert_and_cached_reload(
         enc = tok2(PROMPTS[0], return_tensors="pt")
         out = model2.generate(**enc, max_new_tokens=4, do_sample=False)
         assert expected_word in tok2.decode(out[0, enc["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("mode", ["lora", "prefix"])
+def test_peft_wrapping_prints_no_third_party_deprecation(mode: str) -> None:
+    model = tiny_causal_lm("llama", vocab_size=64, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_peft(model, mode, seed=0)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

@@ -129,6 +129,22 @@ def test_output_dir_is_never_overwritten_by_accident(tmp_path):
     assert (tmp_path / "run" / "results.json").read_text() == before
 
 
+def test_a_bad_model_costs_nothing_even_with_overwrite(tmp_path, capsys):
+    run(tmp_path, task="sst2", steps=1)
+    before = (tmp_path / "run" / "results.json").read_text()
+    missing = str(tmp_path / "no-such-model")
+    # --overwrite with a model that cannot load: the old run stays, one clear message, exit 2
+    code = main(["train", "--task", "sst2", "--model", missing, "--output-dir", str(tmp_path / "run"),
+                 "--overwrite", "--steps", "1", "--no-progress"])
+    assert code == 2
+    assert (tmp_path / "run" / "results.json").read_text() == before
+    # a new directory is not even created
+    assert main(["train", "--task", "sst2", "--model", missing, "--output-dir", str(tmp_path / "new"),
+                 "--steps", "1", "--no-progress"]) == 2
+    assert not (tmp_path / "new").exists()
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random model saved in Hugging Face format, loadable by name/path like a real one."""

@@ -42,6 +42,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -888,6 +889,15 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _wrapping_with_peft(seed: int) -> Iterator[None]:
+    """Seeded, and without the FutureWarning peft's own ``is_gradient_checkpointing`` probe raises on
+    transformers 5 (nothing a zotune user can act on; it would print on every LoRA/prefix run)."""
+    with _seeded(seed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def prefix_init_token_ids(vocab_size: int, num_virtual_tokens: int, seed: int = 0) -> torch.Tensor:
     """The random token ids whose activations initialise the prefix (shape ``(1, n)``, on CPU)."""
     gen = torch.Generator().manual_seed(seed)
@@ -1028,7 +1038,7 @@ def _apply_lora(
         task_type=TaskType.CAUSAL_LM if _is_causal_lm(model) else None,
     )
     try:
-        with _seeded(seed):
+        with _wrapping_with_peft(seed):
             peft_model = get_peft_model(model, cfg)
     except ValueError as e:
         raise UserError(f"could not apply LoRA: {e}") from e
@@ -1048,7 +1058,7 @@ def _apply_prefix(model: Any, *, num_virtual_tokens: int, init: str, seed: int) 
     cfg = PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens, prefix_projection=False
     )
-    with _seeded(seed):
+    with _wrapping_with_peft(seed):
         peft_model = get_peft_model(model, cfg)
     if init == "random_tokens":
         emb = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight

@@ -298,20 +298,26 @@ def check_resume_config(out: Path, resolved: dict[str, Any]) -> None:
                         "--output-dir")
 
 
-def _prepare_output_dir(config: TrainConfig, is_main: bool) -> Path:
+def _check_output_dir(config: TrainConfig) -> Path:
+    """Refuse an output directory that the run may not use; reads only (nothing is written yet)."""
     out = Path(config.output_dir)
-    if is_main:
-        if out.exists() and any(out.iterdir()) and not config.resume:
-            if not config.overwrite:
-                raise UserError(
-                    f"output directory {out} is not empty; pass --resume to continue that run, "
-                    "--overwrite to replace it, or choose another --output-dir"
-                )
-            shutil.rmtree(out)
-        if config.resume and not (out / "checkpoint").exists():
-            raise UserError(f"--resume: no checkpoint in {out}/checkpoint (run without --resume to start)")
-        out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; choose a directory")
+    if out.exists() and any(out.iterdir()) and not config.resume and not config.overwrite:
+        raise UserError(
+            f"output directory {out} is not empty; pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --output-dir"
+        )
+    if config.resume and not (out / "checkpoint").exists():
+        raise UserError(f"--resume: no checkpoint in {out}/checkpoint (run without --resume to start)")
     return out
+
+
+def _make_output_dir(out: Path, config: TrainConfig) -> None:
+    """Create (or, with --overwrite, replace) the output directory: only once the run can start."""
+    if config.overwrite and not config.resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -357,17 +363,22 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
     is_main = dist is None or dist.is_main
-    out = _prepare_output_dir(config, is_main)
+    out = _check_output_dir(config)
     if config.resume:
         check_resume_config(out, resolved)
-    if dist is not None:
-        dist.barrier()
     wall_start = time.time()
 
+    # task and model first: a typo in either must not cost the user an existing run (--overwrite)
     task = build_task(config)
     model_given = model is not None and tokenizer is not None
     if not model_given:
         model, tokenizer = build_model(config, dist.device if dist is not None else None)
+    if dist is not None:
+        dist.barrier()  # every rank checked the directory before the main rank replaces it
+    if is_main:
+        _make_output_dir(out, config)
+    if dist is not None:
+        dist.barrier()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
 
