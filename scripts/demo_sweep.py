@@ -42,16 +42,18 @@ def main() -> None:
     ap.add_argument("--only", type=int, nargs="*", help="indices of CANDIDATES to run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
+    ap.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N steps (best one tested)")
+    ap.add_argument("--runs-dir", default=None, help="keep the run directories here (for `zotune plot`)")
     args = ap.parse_args()
     rows = []
     baselines: dict[str, float] = {}
     for i, cand in enumerate(CANDIDATES):
         if args.only and i not in args.only:
             continue
-        out = Path(tempfile.mkdtemp()) / "run"
+        out = Path(args.runs_dir or tempfile.mkdtemp()) / f"{i:02d}-{cand['optimizer']}-{cand['peft']}"
         config = TrainConfig(task="sst2", steps=args.steps, batch_size=16, max_test=args.max_test, seed=0,
                              eval_before=cand["template"] not in baselines, progress=False, threads=args.threads,
-                             output_dir=str(out), **cand)
+                             eval_every=args.eval_every, overwrite=True, output_dir=str(out), **cand)
         t0 = time.time()
         res = train(config)
         if res["before"]:

@@ -38,3 +38,20 @@ def test_smollm2_trains_on_task(tmp_path, task, extra):
     metric = "f1" if task == "squad" else "accuracy"
     assert 0.0 <= results["after"]["test"][metric] <= 1.0
     assert results["before"]["test"][metric] >= 0.0
+
+
+def test_demo_recipe_learns_sst2(tmp_path):
+    """20 steps of the demo's recipe must move SST-2 accuracy off chance: a check that the whole
+    pipeline *learns* (a wrong sign, seed or restore anywhere would leave it at chance).
+
+    Measured (seed 0, 1 thread, ~7 s/step, 3.5 min): dev 0.500 -> 0.688 (32 examples), test 0.47 -> 0.61
+    (first 100 test examples). The bound, +0.1 on each, is 2 binomial standard errors of the test
+    set at p = 0.5 (and about 1 of the 32-example dev set); chance-level runs do not pass it.
+    """
+    config = TrainConfig(task="sst2", model="smollm2-135m", template="mezo", peft="final_norm", optimizer="zosgd",
+                         lr=2e-2, eps=1e-2, steps=20, batch_size=16, max_test=100, seed=0, progress=False,
+                         output_dir=str(tmp_path / "sst2"))
+    results = train(config)
+    before, after = results["before"], results["after"]
+    assert after["dev"]["accuracy"] >= before["dev"]["accuracy"] + 0.1
+    assert after["test"]["accuracy"] >= before["test"]["accuracy"] + 0.1
