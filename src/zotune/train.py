@@ -37,8 +37,7 @@ import numpy as np
 import torch
 
 from zotune.errors import UserError
-
-PEFT_MODES = ("full", "lora", "prefix", "final_norm", "norms")
+from zotune.models.tuning import PEFT_MODES
 
 # Starting points from the spec (MeZO/ZO-Bench/HiZOO/ZO-AdaMU published settings); eps by mode.
 DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "final_norm": 1e-2, "norms": 1e-2}
