@@ -17,6 +17,7 @@ import torch
 import zotune.optim as zo
 from zotune.bench import functions as fb
 from zotune.bench import step as sb
+from zotune.bench import step_memory
 
 
 def step_args(tmp_path, *argv: str) -> argparse.Namespace:
@@ -46,8 +47,7 @@ def test_step_tiny_end_to_end(tmp_path, capsys):
     assert {f"{name}/gaussian" for name in zo.available()} | {"ZOSGD/rademacher", sb.NAIVE} <= keys
     for row in data["rows"]:
         assert row["forwards_per_step"] >= 1
-        if row["error"]:  # a method that cannot run with default arguments is reported, not fatal
-            continue
+        assert row["error"] is None, row  # every registered method must run with its defaults
         t = row["timing"]
         for key in ("step_s", "step_over_kF", "step_over_2F", "vs_reference", "speedup_vs_naive"):
             assert positive(t[key]), (row["key"], key, t[key])
@@ -58,6 +58,23 @@ def test_step_tiny_end_to_end(tmp_path, capsys):
         assert positive(p["pass_over_F"])
     # the targets are defined for opt-125m at 16x64 only
     assert all(t["met"] is None for t in data["targets"])
+
+
+def test_step_fails_when_an_optimizer_raises(tmp_path, monkeypatch, capsys):
+    """A crashing optimizer is a defect: its row records the exception and the run exits 1."""
+
+    def broken(self, closure):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(zo.get("ZOSGDSign"), "_zo_step", broken)
+    args = step_args(tmp_path, "--no-memory", "--no-passes", "--no-naive", "--optimizers", "ZOSGDSign")
+    assert sb.run(args) == 1
+    captured = capsys.readouterr()
+    assert "ZOSGDSign/gaussian: step failed: RuntimeError: boom" in captured.err
+    rows = {row["key"]: row for row in json.loads((tmp_path / "step.json").read_text())["rows"]}
+    assert rows["ZOSGDSign/gaussian"]["error"] == "step failed: RuntimeError: boom"
+    assert rows["ZOSGDSign/gaussian"]["timing"] is None
+    assert rows["ZOSGD/gaussian"]["error"] is None and rows["ZOSGD/gaussian"]["timing"]["step_s"] > 0
 
 
 def test_select_cases_distributions():
@@ -95,7 +112,7 @@ def test_memory_subprocess_tiny():
 def test_memory_table_arithmetic(monkeypatch):
     """Ratios from fake subprocess reports: peak above import / inference's, extra / params."""
     peaks = {"import": 100.0, "inference": 300.0, "opt:ZOSGD:gaussian": 302.0, "opt:ZOAdam:gaussian": 340.0}
-    monkeypatch.setattr(sb, "run_memory_subprocess", lambda case, args: {"case": case, "peak_mb": peaks[case]})
+    monkeypatch.setattr(step_memory, "run_memory_subprocess", lambda case, args: {"case": case, "peak_mb": peaks[case]})
     cases = [sb.Case("ZOSGD"), sb.Case("ZOAdam")]
     args = argparse.Namespace(memory_reps=1, memory_jobs=2)
     mem = sb.measure_memory(cases, args, param_bytes=20 * 2**20, log=lambda s: None)

@@ -1,0 +1,109 @@
+"""The rows of ``zotune bench step``: one optimizer with one z distribution, or MeZO's reference code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from zotune.bench._common import resolve_optimizers
+from zotune.bench.step_model import NaiveMeZO
+from zotune.errors import UserError
+
+REFERENCE = "ZOSGD"  # the baseline of the "vs ZO-SGD" column
+NAIVE = "mezo-reference"
+#: extra rows with non-default options, timed and measured like the others: HiZOO's lazy Hessian
+#: refresh (2.5 forwards per step instead of 3) is the cheaper variant the targets compare with
+VARIANTS: dict[str, list[dict[str, Any]]] = {"HiZOO": [{"hessian_every": 2}]}
+
+
+@dataclass
+class Case:
+    """One row of the table: an optimizer with a distribution, or MeZO's reference code."""
+
+    optimizer: str  # registered class name, or NAIVE
+    distribution: str = "gaussian"
+    forwards_per_step: float = 2
+    state_buffers: tuple[str, ...] = ()
+    summary: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # constructor options of a variant row
+    error: str | None = None
+    runner: Any = field(default=None, repr=False)  # the optimizer / NaiveMeZO instance
+
+    @property
+    def name(self) -> str:
+        """``HiZOO`` or, for a variant, ``HiZOO[hessian_every=2]``."""
+        if not self.options:
+            return self.optimizer
+        return f"{self.optimizer}[{','.join(f'{k}={v}' for k, v in sorted(self.options.items()))}]"
+
+    @property
+    def key(self) -> str:
+        return NAIVE if self.optimizer == NAIVE else f"{self.name}/{self.distribution}"
+
+    @property
+    def memory_case(self) -> str:
+        if self.optimizer == NAIVE:
+            return NAIVE
+        return f"opt:{self.optimizer}:{self.distribution}" + (f":{json.dumps(self.options)}" if self.options else "")
+
+    @classmethod
+    def from_memory_case(cls, case: str) -> Case:
+        if case == NAIVE:
+            return cls(NAIVE)
+        if not case.startswith("opt:"):
+            raise UserError(f"unknown memory case {case!r}")
+        _, name, dist, *options = case.split(":", 3)
+        return cls(name, dist, options=json.loads(options[0]) if options else {})
+
+
+def select_cases(optimizers: list[str] | None, distribution: str | None, naive: bool = True) -> list[Case]:
+    """The rows: every requested optimizer (ZO-SGD always) with its distributions."""
+    import zotune.optim as zo
+
+    names = resolve_optimizers(optimizers)
+    if REFERENCE in zo.available() and REFERENCE not in names:
+        names = [REFERENCE, *names]
+    cases = [Case(NAIVE, "gaussian", NaiveMeZO.forwards_per_step, (), NaiveMeZO.summary)] if naive else []
+    for name in names:
+        if distribution == "both":
+            dists = ["gaussian", "rademacher"]
+        elif distribution in ("gaussian", "rademacher"):
+            dists = [distribution]
+        else:
+            dists = ["gaussian", "rademacher"] if name == REFERENCE else ["gaussian"]
+        cls = zo.get(name)
+        for d in dists:
+            for options in [{}, *VARIANTS.get(name, [])]:
+                cases.append(Case(name, d, int(getattr(cls, "forwards_per_step", 2)),
+                                  tuple(getattr(cls, "state_buffers", ())), str(getattr(cls, "summary", "")),
+                                  options=dict(options)))
+    return cases
+
+
+def make_runner(case: Case, model: nn.Module, seed: int = 0) -> Any:
+    """Construct the optimizer of a case with its class defaults (or MeZO's reference code)."""
+    import zotune.optim as zo
+
+    if case.optimizer == NAIVE:
+        return NaiveMeZO(model, seed=seed)
+    return zo.create(case.optimizer, model, distribution=case.distribution, seed=seed, **case.options)
+
+
+def declared_state(runner: Any, case: Case) -> tuple[str, ...]:
+    """The instance's ``state_buffers`` (some depend on constructor options)."""
+    return tuple(getattr(runner, "state_buffers", case.state_buffers))
+
+
+def state_bytes(runner: Any) -> int:
+    """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)."""
+    if not isinstance(runner, torch.optim.Optimizer):
+        return 0
+    if hasattr(runner, "_prepare"):
+        runner._prepare()  # the state exists before the first step
+    total = sum(t.numel() * t.element_size() for st in runner.state.values() for t in st.values() if torch.is_tensor(t))
+    shadows = getattr(runner, "_shadows", None) or {}
+    return total + sum(t.numel() * t.element_size() for t in shadows.values())
