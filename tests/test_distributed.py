@@ -27,6 +27,7 @@ from zotune.distributed import (
     COMM_STATS,
     DistContext,
     DistributedError,
+    ProcessGroupComm,
     ReplicaDivergenceError,
     check_replicas,
     fully_shard_for_zo,
@@ -112,7 +113,7 @@ def worker_main(ctx: DistContext, out: Path) -> None:
     for name, hp in OPTIMIZERS.items():
         COMM_STATS.reset()
         model = make_net()
-        opt = zo.create(name, model.parameters(), **hp, **TRAIN_KW, process_group=ctx.group, check_every=CHECK_EVERY)
+        opt = zo.create(name, model.parameters(), **hp, **TRAIN_KW, comm=ctx.comm(check_every=CHECK_EVERY))
         losses = train(model, opt, rows)
         res[f"dp/{name}"] = {"weights": full_weights(model), "losses": losses, "comm": COMM_STATS.snapshot()}
         if name == "ZOSGD":
@@ -140,7 +141,7 @@ def worker_main(ctx: DistContext, out: Path) -> None:
             fully_shard(model)  # the root keeps gathered params after forward unless prepared
             params = model
         res[f"fsdp/{name}/local_shapes"] = [tuple(local_rows_of(p)[0].shape) for p in model.parameters()]
-        opt = zo.create(name, params, **OPTIMIZERS[name], **TRAIN_KW, process_group=ctx.group, check_every=1)
+        opt = zo.create(name, params, **OPTIMIZERS[name], **TRAIN_KW, comm=ctx.comm(check_every=1))
         losses = train(model, opt, rows)
         res[f"fsdp/{name}"] = {"weights": full_weights(model), "losses": losses, "comm": COMM_STATS.snapshot()}
     # HSDP on a (replicate=2, shard=1) mesh: parameters are (Replicate, Shard(0)) DTensors; the replica
@@ -151,7 +152,7 @@ def worker_main(ctx: DistContext, out: Path) -> None:
     model = fully_shard_for_zo(make_net(), mesh=mesh)
     res["hsdp/placements"] = str(model.layers[0].weight.placements)
     COMM_STATS.reset()
-    opt = zo.create("ZOSGD", model, **OPTIMIZERS["ZOSGD"], **TRAIN_KW, process_group=ctx.group, check_every=1)
+    opt = zo.create("ZOSGD", model, **OPTIMIZERS["ZOSGD"], **TRAIN_KW, comm=ctx.comm(check_every=1))
     losses = train(model, opt, rows)
     res["hsdp/ZOSGD"] = {"weights": full_weights(model), "losses": losses, "comm": COMM_STATS.snapshot()}
     if ctx.rank == 1:
@@ -187,7 +188,7 @@ def fault(ctx: DistContext, mode: str) -> dict | None:
         time.sleep(HANG_TIMEOUT_S + 2)
         return None
     model = make_net()
-    opt = zo.create("ZOSGD", model.parameters(), lr=0.01, process_group=group)
+    opt = zo.create("ZOSGD", model.parameters(), lr=0.01, comm=ProcessGroupComm(group))
     x, y = global_batch()
     t0 = time.monotonic()
     try:

@@ -381,8 +381,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
 
-    optimizer = optimizer_cls(model, **optimizer_kwargs, process_group=dist.group if dist is not None else None,
-                              check_every=100 if dist is not None else 0)
+    optimizer = optimizer_cls(model, **optimizer_kwargs, comm=dist.comm(check_every=100) if dist is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
 
     def run_eval(examples, split: str) -> dict[str, float]:

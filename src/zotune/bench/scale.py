@@ -215,7 +215,7 @@ def bench_rows(ctx: Any, spec: dict[str, Any]) -> list[Row]:
     for name in spec["optimizers"]:
         model, closure = _model_and_loss(spec["shape"], rows, spec["batch"])
         opt = create(
-            name, model, lr=1e-5, process_group=ctx.group if ctx else None, check_every=spec.get("check_every", 0)
+            name, model, lr=1e-5, comm=ctx.comm(check_every=spec.get("check_every", 0)) if ctx else None
         )
         for _ in range(spec.get("warmup", 0)):
             opt.step(closure)

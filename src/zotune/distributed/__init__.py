@@ -6,8 +6,9 @@ scalars are all-reduced; every rank then applies the identical update. No DDP wr
 
 * :func:`init_distributed` / :class:`DistContext` -- join a ``torchrun``/``accelerate
   launch`` job (gloo on CPU, NCCL on GPUs), shard batches, barrier, broadcast;
-* the optimizers' ``process_group=`` argument -- the loss scalars go through
-  :func:`all_reduce_mean`; ``check_every=K`` runs :func:`check_replicas` every K steps;
+* :class:`ProcessGroupComm` -- what the optimizers' ``comm=`` argument takes: the loss
+  scalars go through :func:`all_reduce_mean`; ``check_every=K`` runs :func:`check_replicas`
+  every K steps (``DistContext.comm(check_every=K)`` builds one for the job's group);
 * :func:`local_rows_of` -- FSDP2 DTensor parameters are perturbed shard by shard with the
   rows of the full parameter's noise (trajectory independent of the sharding);
 * :func:`fully_shard_for_zo` / :func:`prepare_module` -- FSDP2 set up for ZO;
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from zotune.distributed._comm import COMM_STATS, CommStats, DistributedError, run_collective
+from zotune.optim.comm import refuse_meta
 
 
 def local_rows_of(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:
@@ -37,20 +39,11 @@ def local_rows_of(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ..
     data = param.data if isinstance(param, torch.nn.Parameter) else param
     to_local = getattr(data, "to_local", None)
     if to_local is None:
-        _refuse_meta(data)
+        refuse_meta(data)
         return data, 0, tuple(data.shape)
     local, offset, shape = _dtensor_local_rows(data)
-    _refuse_meta(local)
+    refuse_meta(local)
     return local, offset, shape
-
-
-def _refuse_meta(t: torch.Tensor) -> None:
-    if t.device.type == "meta":
-        raise ValueError(
-            f"a trainable parameter of shape {tuple(t.shape)} is on the meta device (accelerate CPU/disk "
-            "offload or init_empty_weights): it holds no data to perturb. Put every trainable weight on a real "
-            "device (a device_map without 'cpu'/'disk' entries, or FSDP2), or freeze the offloaded ones"
-        )
 
 
 def _dtensor_local_rows(dt: Any) -> tuple[torch.Tensor, int, tuple[int, ...]]:
@@ -91,6 +84,7 @@ def all_reduce_mean(values: list[float], group: Any, device: torch.device, *, wh
     return run_collective(t.tolist, label, group)  # the host sync is where NCCL errors surface
 
 
+from zotune.distributed.communicator import ProcessGroupComm  # noqa: E402
 from zotune.distributed.context import DEFAULT_TIMEOUT_S, DistContext, init_distributed  # noqa: E402
 from zotune.distributed.fsdp import fully_shard_for_zo, prepare_module  # noqa: E402
 from zotune.distributed.launch import ProcessResult, free_port, launch_local  # noqa: E402
@@ -107,6 +101,7 @@ __all__ = [
     "CommStats",
     "DistContext",
     "DistributedError",
+    "ProcessGroupComm",
     "ProcessResult",
     "ReplicaDivergenceError",
     "all_reduce_mean",

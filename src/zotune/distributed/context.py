@@ -33,8 +33,8 @@ class DistContext:
         rank: global rank (0 .. world_size-1).
         world_size: number of processes.
         local_rank: rank on this node (selects the GPU).
-        group: the ``torch.distributed`` process group (pass it to the optimizer as
-            ``process_group=``).
+        group: the ``torch.distributed`` process group (:meth:`comm` wraps it for the
+            optimizers' ``comm=``).
         device: this rank's device (``cuda:LOCAL_RANK`` with NCCL, ``cpu`` with gloo).
         backend: ``"nccl"`` or ``"gloo"``.
         timeout_s: the collective timeout of ``group``.
@@ -71,6 +71,12 @@ class DistContext:
             )
         per = n // self.world_size
         return list(items[self.rank * per : (self.rank + 1) * per])
+
+    def comm(self, check_every: int = 0) -> Any:
+        """A :class:`~zotune.distributed.ProcessGroupComm` on this job's group for the optimizers' ``comm=``."""
+        from zotune.distributed.communicator import ProcessGroupComm
+
+        return ProcessGroupComm(self.group, check_every=check_every, device=self.device)
 
     def barrier(self, what: str = "barrier") -> None:
         """Wait until every rank gets here (raises :class:`DistributedError` on timeout)."""

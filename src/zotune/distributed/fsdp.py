@@ -8,8 +8,8 @@ One FSDP2 default must change: the *root* module keeps its parameters all-gather
 forward (a heuristic for training, where backward follows at once). Under ``no_grad`` nothing
 reshards them, so the next perturbation would edit the shards while the following forward
 reuses the stale gathered copy -- the root's parameters would silently never be perturbed.
-:func:`prepare_module` (called by the optimizers when they are built from a module, and by
-:func:`fully_shard_for_zo`) sets ``reshard_after_forward=True`` on every FSDP module.
+:func:`prepare_module` (called by :class:`~zotune.distributed.ProcessGroupComm` when an optimizer
+is built from a module, and by :func:`fully_shard_for_zo`) sets ``reshard_after_forward=True`` on every FSDP module.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+
+from zotune.optim.comm import refuse_meta_parameters
 
 
 def _fsdp_module_class() -> type | None:
@@ -43,15 +45,7 @@ def prepare_module(model: nn.Module) -> nn.Module:
 
     Does nothing else and issues no collective.
     """
-    for name, p in model.named_parameters():
-        if p.device.type == "meta" and p.requires_grad:
-            raise ValueError(
-                f"parameter {name!r} is on the meta device (not materialised: accelerate CPU/disk offload or "
-                "init_empty_weights). zotune perturbs weights in place and needs every trainable weight on a "
-                "real device: load with a device_map without 'cpu'/'disk' entries (give max_memory enough room), "
-                "shard the model with FSDP2 instead, or freeze the offloaded parameters (requires_grad=False) "
-                "and train adapters"
-            )
+    refuse_meta_parameters(model)
     cls = _fsdp_module_class()
     if cls is None:
         return model

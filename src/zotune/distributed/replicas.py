@@ -9,12 +9,13 @@ the per-parameter checksums in one ``all_reduce(MAX)`` of ``[c, -c]`` per compar
 
 What is compared with what:
 
-* plain tensors (data parallelism): across the optimizer's ``process_group``;
+* plain tensors (data parallelism): across the group of the optimizer's
+  :class:`~zotune.distributed.ProcessGroupComm`;
 * DTensors (FSDP2/HSDP): only across the mesh dimensions on which the parameter is
   ``Replicate`` (HSDP's replicate groups); shards of one parameter are different data and are
   never compared with each other. A purely sharded parameter (FSDP2 on a 1-D mesh) has no
   replica to compare with and is skipped;
-* always: the step counter and base seed of the optimizer across the ``process_group``.
+* always: the step counter and base seed of the optimizer across that group.
 """
 
 from __future__ import annotations
@@ -118,12 +119,15 @@ def check_replicas(optimizer: ZOOptimizer) -> int:
     """Raise :class:`ReplicaDivergenceError` unless all replicas are bit-identical.
 
     Returns the number of parameters that had a replica to compare with. Every rank of the
-    optimizer's process group must call this at the same step (it is collective).
+    optimizer's process group must call this at the same step (it is collective). An optimizer
+    without a process group (``comm`` is not a :class:`~zotune.distributed.ProcessGroupComm`)
+    has nothing to compare: returns 0.
     """
-    group = optimizer.process_group
+    comm = optimizer.comm
+    group = getattr(comm, "group", None)
     if group is None:
         return 0
-    device = optimizer._comm_device()
+    device = comm.device
     comparisons: dict[Any, _Comparison] = {}
     header = torch.tensor(
         [optimizer.step_count, int(optimizer.zo_state["seed"]) & ((1 << 62) - 1)], dtype=torch.int64, device=device
@@ -188,8 +192,8 @@ def _param_message(optimizer: ZOOptimizer, cmp: _Comparison, bad: list[int]) -> 
 
 
 def maybe_check_replicas(optimizer: ZOOptimizer) -> None:
-    """Every ``optimizer.check_every`` steps, run :func:`check_replicas`."""
-    every = int(getattr(optimizer, "check_every", 0) or 0)
+    """Every ``check_every`` steps of the optimizer's communicator, run :func:`check_replicas`."""
+    every = int(getattr(optimizer.comm, "check_every", 0) or 0)
     if every <= 0 or optimizer.step_count % every != 0:
         return
     check_replicas(optimizer)

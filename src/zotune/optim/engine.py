@@ -19,8 +19,11 @@
   fp32 parameters are perturbed in place; the +c/-2c/+c round trip then restores them to
   within one rounding (a few 1e-8 relative). ``exact_restore=True`` keeps an fp32 shadow
   copy (+1x trainable parameters) and makes restores bit-exact;
-* **data parallelism** -- with a ``process_group``, every rank draws the same directions and
-  only the loss scalars are all-reduced (see :mod:`zotune.distributed`).
+* **communication** -- everything the engine needs from its runtime goes through a
+  :class:`~zotune.optim.comm.Communicator` (``comm=``): the local rows of a sharded
+  parameter, the mean of the loss scalars over data-parallel ranks, a hook after each step.
+  ``zotune.distributed.ProcessGroupComm`` implements it for ``torch.distributed``: every rank
+  draws the same directions and only the loss scalars are all-reduced.
 
 A method is a subclass that implements :meth:`ZOOptimizer._zo_step` (its sequence of
 forwards and displacements) and usually :meth:`ZOOptimizer.direction` (how the raw noise
@@ -40,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zotune.distributed import local_rows_of
+from zotune.optim.comm import Communicator
 from zotune.optim.noise import (
     DEFAULT_BLOCK_SIZE,
     DISTRIBUTIONS,
@@ -154,9 +157,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             bit-exact (+1x trainable parameter memory). Low-precision parameters always
             have an fp32 master.
         noise_device: generate noise on this device instead of the parameter's own.
-        process_group: a ``torch.distributed`` group for data parallelism, or ``None``.
-        check_every: with a process group, verify every this many steps that all ranks
-            hold identical parameters (0: never).
+        comm: the runtime (:class:`~zotune.optim.comm.Communicator`); ``None``: one process.
+            For data parallelism or FSDP2 pass ``zotune.distributed.ProcessGroupComm(group,
+            check_every=K)`` (K: steps between checks that all ranks hold identical weights).
     """
 
     #: forward passes per step, the mean over steps (for documentation and benchmarks)
@@ -178,8 +181,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         num_threads: int | None = None,
         exact_restore: bool = False,
         noise_device: str | torch.device | None = None,
-        process_group: Any = None,
-        check_every: int = 0,
+        comm: Communicator | None = None,
     ):
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -189,11 +191,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
+        self.comm = comm if comm is not None else Communicator()
         self.module: nn.Module | None = None
         if isinstance(params, nn.Module):
-            from zotune.distributed import prepare_module  # FSDP2: reshard after forward; refuse meta
-
-            self.module = prepare_module(params)
+            self.module = self.comm.prepare_module(params)  # FSDP2: reshard after forward; refuse meta
             params = trainable_param_groups(params, defaults.get("weight_decay", 0.0))
         super().__init__(params, defaults)
         self.eps = float(eps)
@@ -202,8 +203,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.exact_restore = bool(exact_restore)
         self.noise_device = torch.device(noise_device) if noise_device is not None else None
         self.num_threads = num_threads
-        self.process_group = process_group
-        self.check_every = int(check_every)
         #: global scalars: saved by state_dict(), restored by load_state_dict()
         self.zo_state: dict[str, Any] = {
             "seed": int(seed),
@@ -224,10 +223,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def init_state(self, param: torch.Tensor, state: dict) -> None:
         """Create the per-parameter state (fp32 tensors of the parameter's local shape)."""
 
-    @staticmethod
-    def zeros_state(param: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    def zeros_state(self, param: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """A state buffer for ``param``: its local shape, fp32 (fp64 for fp64 parameters)."""
-        local, _, _ = local_rows_of(param)
+        local, _, _ = self.comm.local_rows(param)
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         return torch.full(local.shape, fill, dtype=dtype, device=local.device)
 
@@ -250,7 +248,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         if closure is None:
             if self._closureless_step_is_noop:
-                # a training loop (HF Trainer) calls step() after our integration already stepped
                 self._closureless_step_is_noop = False
                 return torch.tensor(float("nan"))
             raise RuntimeError(
@@ -279,6 +276,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.zo_state["step"] += 1
         self._after_step()
         return torch.tensor(loss, dtype=torch.float32)
+
+    def skip_next_closureless_step(self) -> None:
+        """Make the next ``step()`` called *without* a closure a no-op (it returns NaN).
+
+        For training loops that call ``optimizer.step()`` after an integration has already
+        taken the zeroth-order step inside the loss computation (``transformers.Trainer``).
+        """
+        self._closureless_step_is_noop = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """ZO optimizers never read ``.grad``; this only clears stray gradients."""
@@ -353,12 +358,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _reduce(self, *losses: float) -> list[float]:
         """Average losses over the data-parallel group and refuse non-finite ones."""
-        values = list(losses)
-        if self.process_group is not None:
-            from zotune.distributed import all_reduce_mean
-
-            what = f"{type(self).__name__} step {self.step_count}"
-            values = all_reduce_mean(values, self.process_group, self._comm_device(), what=what)
+        values = self.comm.all_reduce_mean(list(losses), what=f"{type(self).__name__} step {self.step_count}")
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLoss(values)
         return values
@@ -451,11 +451,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pending = {}
 
     def _after_step(self) -> None:
-        """Hook run after every step (the distributed checksum lives here)."""
-        if self.process_group is not None:
-            from zotune.distributed import maybe_check_replicas
-
-            maybe_check_replicas(self)
+        """Hook run after every step (the communicator's replica check lives there)."""
+        self.comm.after_step(self)
 
     # ------------------------------------------------------------------ the block sweep
     def _prepare(self) -> None:
@@ -477,7 +474,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         index = 0
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                local, row_offset, global_shape = local_rows_of(p)
+                local, row_offset, global_shape = self.comm.local_rows(p)
                 if not local.is_contiguous():
                     raise ValueError(
                         f"parameter {index} (shape {tuple(p.shape)}) is not contiguous; zotune perturbs "
@@ -569,10 +566,6 @@ class ZOOptimizer(torch.optim.Optimizer):
             futures = [self._pool.submit(run, w) for w in range(nthreads)]
             for f in futures:
                 f.result()
-
-    def _comm_device(self) -> torch.device:
-        slots = self._slots or []
-        return slots[0].data.device if slots else torch.device("cpu")
 
     def __repr__(self) -> str:
         hp = {k: v for k, v in self.defaults.items()}

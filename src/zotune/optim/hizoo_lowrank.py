@@ -25,7 +25,6 @@ import math
 
 import torch
 
-from zotune.distributed import local_rows_of
 from zotune.optim.engine import Block, Closure, Noises
 from zotune.optim.hizoo import HiZOO
 from zotune.optim.noise import BlockLayout
@@ -93,7 +92,7 @@ class HiZOOLowRank(HiZOO):
         return layout.rows, layout.row_len
 
     def init_state(self, param: torch.Tensor, state: dict) -> None:
-        local, _, global_shape = local_rows_of(param)
+        local, _, global_shape = self.comm.local_rows(param)
         dims = self.factored_shape(tuple(global_shape))
         if dims is None:
             state["hessian"] = self.zeros_state(param, 1.0)
