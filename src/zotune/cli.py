@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 from collections.abc import Sequence
 
 from zotune import __version__
@@ -28,20 +29,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line naming the fix (exit status 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``zotune`` parser with one subparser per command."""
+    parser = OneLineErrorParser(
         prog="zotune",
         description="Memory-efficient zeroth-order fine-tuning of language models (MeZO, HiZOO, ZO-AdaMU, ...).",
         epilog="Run `zotune COMMAND --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"zotune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p, name) if _takes_name(module) else module.add_arguments(p)
-        p.set_defaults(_module=module, _command=name)
+        p.set_defaults(_module=module, _command=name, _parser=p)
     return parser
 
 
@@ -52,12 +61,18 @@ def _takes_name(module: object) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 for a user mistake, printed as one line)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "Loading weights" bars on every load
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's parser: "zotune train: error: unrecognized arguments"
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

@@ -36,8 +36,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from zotune.config import PEFT_MODES, TrainConfig
 from zotune.errors import UserError
-from zotune.models.tuning import PEFT_MODES
+
+__all__ = [
+    "PEFT_MODES",
+    "TrainConfig",
+    "batch_indices",
+    "build_model",
+    "build_task",
+    "evaluate_and_checkpoint",
+    "evaluate_before",
+    "finish_run",
+    "plan_run",
+    "run_steps",
+    "start_run",
+    "train",
+]
 
 # Starting points from the spec (MeZO/ZO-Bench/HiZOO/ZO-AdaMU published settings); eps by mode.
 DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "final_norm": 1e-2, "norms": 1e-2}
@@ -51,83 +66,6 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
 }
 DEFAULT_LR["final_norm"] = {k: v * 100 for k, v in DEFAULT_LR["lora"].items()}
 DEFAULT_LR["norms"] = dict(DEFAULT_LR["final_norm"])
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs. Field names are the CLI flags (``--lr``, ``--eval-every``, ...)."""
-
-    model: str = "smollm2-135m"
-    task: str = "sst2"
-    optimizer: str = "zosgd"
-    steps: int = 100
-    output_dir: str = "runs/zotune"
-    lr: float | None = None
-    eps: float | None = None
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | linear
-    warmup_steps: int = 0
-    distribution: str = "gaussian"
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
-    peft: str = "full"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] | None = None
-    prefix_tokens: int = 5
-    objective: str = "ce"
-    template: str | None = None
-    task_args: dict[str, Any] = field(default_factory=dict)
-    k: int = 16
-    data_seed: int = 42
-    max_train: int | None = None
-    max_dev: int | None = None
-    max_test: int | None = 1000
-    data_dir: str | None = None
-    max_length: int = 256
-    seed: int = 0
-    dtype: str = "float32"
-    device: str | None = None
-    eval_every: int = 0
-    eval_before: bool = True
-    eval_batch_size: int = 32
-    early_stop: int = 0
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    log_every: int = 1
-    tensorboard: bool = False
-    progress: bool = True
-    threads: int | None = None
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = set(cls.field_names())
-        clean = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise UserError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
-        return cls(**clean)
-
-    def validate(self) -> None:
-        if self.steps < 0:
-            raise UserError("--steps must be >= 0")
-        if self.batch_size < 1:
-            raise UserError("--batch-size must be >= 1")
-        if self.peft not in PEFT_MODES:
-            raise UserError(f"unknown --peft {self.peft!r}; choose one of {', '.join(PEFT_MODES)}")
-        if self.schedule not in ("constant", "linear"):
-            raise UserError(f"unknown --schedule {self.schedule!r}; choose constant or linear")
-        if self.objective not in ("ce", "accuracy", "f1"):
-            raise UserError(f"unknown --objective {self.objective!r}; choose ce, accuracy or f1")
-        if self.lr is not None and not self.lr >= 0:
-            raise UserError("--lr must be >= 0")
-        if self.eps is not None and not self.eps > 0:
-            raise UserError("--eps must be > 0")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -165,10 +103,12 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (``requires_grad``) parameters by name, as contiguous CPU tensors."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trainable(model: torch.nn.Module, directory: Path) -> None:
+    """Write the trainable parameters to ``directory/trainable.safetensors``."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -176,6 +116,7 @@ def save_trainable(model: torch.nn.Module, directory: Path) -> None:
 
 
 def load_trainable(model: torch.nn.Module, directory: Path) -> None:
+    """Copy the weights of ``directory/trainable.safetensors`` into the model's parameters."""
     from safetensors.torch import load_file
 
     path = directory / "trainable.safetensors"
@@ -192,6 +133,8 @@ def load_trainable(model: torch.nn.Module, directory: Path) -> None:
 
 
 def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
+    """The learning rate used without ``--lr``: the published setting for the optimizer and the
+    tuning mode if there is one, else the optimizer's own default."""
     table = DEFAULT_LR.get(config.peft, {})
     if optimizer_cls.__name__ in table:
         return table[optimizer_cls.__name__]
@@ -239,6 +182,7 @@ class MetricsLog:
             self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a JSON line; its numbers to TensorBoard too)."""
         if not self.enabled or self.file is None:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -249,17 +193,22 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
 
     def close(self) -> None:
+        """Close the files (idempotent)."""
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def _primary(metrics: dict[str, float]) -> float:
+    """The dev score that decides the best checkpoint: F1 where reported, else accuracy."""
     return float(metrics["f1"] if "f1" in metrics else metrics["accuracy"])
 
 
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up, then constant or linear decay to 0."""
     def factor(step: int) -> float:
         if config.warmup_steps and step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -337,6 +286,7 @@ def build_model(config: TrainConfig, device: torch.device | None = None):
 
 
 def build_task(config: TrainConfig):
+    """The task of the config, with its data split and size settings."""
     from zotune.tasks import get_task
 
     return get_task(config.task, k=config.k, data_seed=config.data_seed, max_train=config.max_train,
@@ -345,10 +295,47 @@ def build_task(config: TrainConfig):
 
 
 def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
-    """Run a zeroth-order fine-tuning job; returns (and writes) ``results.json``'s content."""
+    """Run a zeroth-order fine-tuning job; returns (and writes) ``results.json``'s content.
+
+    The stages, each its own function: :func:`plan_run` (resolve and check every setting,
+    reading only), :func:`start_run` (load task and model, prepare the output directory, build
+    optimizer and scheduler, resume), :func:`evaluate_before`, :func:`run_steps` (the step loop,
+    with :func:`evaluate_and_checkpoint` after each step) and :func:`finish_run` (final
+    checkpoint, final evaluation, results.json, curves.png). Pass ``model`` and ``tokenizer`` to
+    train a model already in memory instead of loading ``config.model``.
+    """
+    plan = plan_run(config)
+    run = start_run(plan, model=model, tokenizer=tokenizer)
+    try:
+        evaluate_before(run)
+        run_steps(run)
+        return finish_run(run)
+    finally:
+        run.close()
+
+
+@dataclass
+class RunPlan:
+    """The resolved settings of a run, checked before anything is loaded or written."""
+
+    config: TrainConfig
+    optimizer_cls: type
+    optimizer_kwargs: dict[str, Any]
+    resolved: dict[str, Any]  #: what config.json holds: the config with lr, eps, optimizer resolved
+    out: Path
+    dist: Any  #: the :class:`zotune.distributed.DistContext`, or None in a single process
+    wall_start: float
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    """Resolve the defaults (lr, eps by optimizer and mode) and run every check that reads only."""
     import zotune.optim as zo
     from zotune.distributed import init_distributed
-    from zotune.tasks import evaluate, make_objective
 
     config.validate()
     optimizer_cls = zo.get(config.optimizer)
@@ -361,12 +348,64 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
-    is_main = dist is None or dist.is_main
     out = _check_output_dir(config)
     if config.resume:
         check_resume_config(out, resolved)
-    wall_start = time.time()
+    return RunPlan(config, optimizer_cls, optimizer_kwargs, resolved, out, dist, time.time())
 
+
+@dataclass
+class Run:
+    """A run in progress: what the stages after :func:`plan_run` share."""
+
+    plan: RunPlan
+    task: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    objective: Callable[[list], torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    log: MetricsLog
+    #: loop state, saved in checkpoints: step, best dev score and its step, evaluations without
+    #: gain, the evaluation before training
+    loop: dict[str, Any]
+    trainable: int
+    step_times: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+    bar: Any = None
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's configuration."""
+        return self.plan.config
+
+    def say(self, *message: Any) -> None:
+        """Print a status line on stderr (main process only)."""
+        if self.plan.is_main:
+            print(*message, file=sys.stderr, flush=True)
+
+    def evaluate(self, examples: list, split: str) -> dict[str, float]:
+        """Metrics of the current weights on ``examples`` (a split of the task)."""
+        from zotune.tasks import evaluate
+
+        metrics = evaluate(self.model, self.tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
+                           max_length=self.config.max_length)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def close(self) -> None:
+        """Close the progress bar and the metrics log."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.log.close()
+
+
+def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
+    """Load task and model, then (only then) create the output directory; build the optimizer and
+    scheduler, and restore the checkpoint with --resume or write config.json for a new run."""
+    from zotune.tasks import make_objective
+
+    config, dist, out = plan.config, plan.dist, plan.out
     # task and model first: a typo in either must not cost the user an existing run (--overwrite)
     task = build_task(config)
     model_given = model is not None and tokenizer is not None
@@ -374,151 +413,170 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         model, tokenizer = build_model(config, dist.device if dist is not None else None)
     if dist is not None:
         dist.barrier()  # every rank checked the directory before the main rank replaces it
-    if is_main:
+    if plan.is_main:
         _make_output_dir(out, config)
     if dist is not None:
         dist.barrier()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
-
-    optimizer = optimizer_cls(model, **optimizer_kwargs, comm=dist.comm(check_every=100) if dist is not None else None)
+    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs,
+                                   comm=dist.comm(check_every=100) if dist is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-
-    def run_eval(examples, split: str) -> dict[str, float]:
-        metrics = evaluate(model, tokenizer, task, examples, batch_size=config.eval_batch_size,
-                           max_length=config.max_length)
-        return {k: float(v) for k, v in metrics.items()}
 
     loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None}
     if config.resume:
-        ckpt = out / "checkpoint"
-        load_trainable(model, ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-        loop.update(json.loads((ckpt / "loop.json").read_text()))
-    elif is_main:
-        (out / "config.json").write_text(json.dumps(resolved, indent=2))
+        loop.update(load_checkpoint(out / "checkpoint", model, optimizer, scheduler))
+    elif plan.is_main:
+        (out / "config.json").write_text(json.dumps(plan.resolved, indent=2))
 
-    log = MetricsLog(out / "metrics.jsonl", is_main, out / "tensorboard" if config.tensorboard else None)
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main else (lambda *a: None)
+    log = MetricsLog(out / "metrics.jsonl", plan.is_main, out / "tensorboard" if config.tensorboard else None)
+    run = Run(plan, task, model, tokenizer, objective, optimizer, scheduler, log, loop, trainable)
     model_name = type(model).__name__ if model_given else config.model
-    say(f"zotune: {optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
-        f"{len(task.test)} test), model {model_name}, {config.peft} tuning: {trainable:,} trainable "
-        f"parameters, lr {lr:g}, eps {eps:g}, batch {config.batch_size}")
+    run.say(f"zotune: {plan.optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
+            f"{len(task.test)} test), model {model_name}, {config.peft} tuning: {trainable:,} trainable "
+            f"parameters, lr {plan.resolved['lr']:g}, eps {plan.resolved['eps']:g}, batch {config.batch_size}")
+    return run
 
-    if config.eval_before and loop["before"] is None and config.steps > 0:
-        before = run_eval(task.dev, "dev")
-        loop["before"] = {"dev": before}
-        if task.test:
-            loop["before"]["test"] = run_eval(task.test, "test")
-        log.write({"kind": "eval", "step": 0, **{f"dev_{k}": v for k, v in before.items()}})
-        say(f"zotune: before training: dev {_fmt(before)}"
-            + (f", test {_fmt(loop['before']['test'])}" if task.test else ""))
 
-    bar = None
-    if is_main and config.progress:
+def evaluate_before(run: Run) -> None:
+    """Evaluate dev (and test) before the first step, unless disabled or already done (resume)."""
+    config, loop = run.config, run.loop
+    if not config.eval_before or loop["before"] is not None or config.steps <= 0:
+        return
+    before = run.evaluate(run.task.dev, "dev")
+    loop["before"] = {"dev": before}
+    if run.task.test:
+        loop["before"]["test"] = run.evaluate(run.task.test, "test")
+    run.log.write({"kind": "eval", "step": 0, **{f"dev_{k}": v for k, v in before.items()}})
+    run.say(f"zotune: before training: dev {_fmt(before)}"
+            + (f", test {_fmt(loop['before']['test'])}" if run.task.test else ""))
+
+
+def run_steps(run: Run) -> None:
+    """The step loop: one optimizer step per batch, logging, then evaluation and checkpoints."""
+    config, loop, dist = run.config, run.loop, run.plan.dist
+    if run.plan.is_main and config.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=loop["step"], desc="zo-train", unit="step", dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
-    step_times: list[float] = []
-    stopped_early = False
+        run.bar = tqdm(total=config.steps, initial=loop["step"], desc="zo-train", unit="step", dynamic_ncols=True,
+                       mininterval=1.0, file=sys.stderr)
     while loop["step"] < config.steps:
         step = loop["step"]
-        batch = [task.train[i] for i in batch_indices(len(task.train), config.batch_size, step, config.seed)]
+        batch = [run.task.train[i] for i in batch_indices(len(run.task.train), config.batch_size, step, config.seed)]
         local = dist.shard(batch) if dist is not None else batch
 
         def closure(local=local):
-            return objective(local)
+            return run.objective(local)
 
         t0 = time.perf_counter()
-        loss = float(optimizer.step(closure))
-        scheduler.step()
-        step_times.append(time.perf_counter() - t0)
+        loss = float(run.optimizer.step(closure))
+        run.scheduler.step()
+        run.step_times.append(time.perf_counter() - t0)
         loop["step"] = step + 1
         if loop["step"] % config.log_every == 0 or loop["step"] == config.steps:
-            log.write({"kind": "train", "step": loop["step"], "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                       "projected_grad": (optimizer.zo_state["last_projected_grads"] or [float("nan")])[0],
-                       "step_time": step_times[-1], "skipped_steps": optimizer.zo_state["skipped_steps"]})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-        evaluate_now = config.eval_every and (loop["step"] % config.eval_every == 0 or loop["step"] == config.steps)
-        if evaluate_now:
-            dev = run_eval(task.dev, "dev")
-            log.write({"kind": "eval", "step": loop["step"], **{f"dev_{k}": v for k, v in dev.items()}})
-            score = _primary(dev)
-            if loop["best"] is None or score > loop["best"]:
-                loop.update(best=score, best_step=loop["step"], evals_without_gain=0)
-                if is_main:
-                    save_trainable(model, out / "best")
-            else:
-                loop["evals_without_gain"] += 1
-            if bar is not None:
-                bar.write(f"step {loop['step']}: dev {_fmt(dev)} (best {loop['best']:.4f} at {loop['best_step']})")
-            if config.early_stop and loop["evals_without_gain"] >= config.early_stop:
-                say(f"zotune: early stop: no dev gain in {config.early_stop} evaluations")
-                stopped_early = True
-        if is_main and ((config.save_every and loop["step"] % config.save_every == 0) or stopped_early):
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, loop)
-        if stopped_early:
+            zo_state = run.optimizer.zo_state
+            run.log.write({"kind": "train", "step": loop["step"], "loss": loss,
+                           "lr": run.optimizer.param_groups[0]["lr"],
+                           "projected_grad": (zo_state["last_projected_grads"] or [float("nan")])[0],
+                           "step_time": run.step_times[-1], "skipped_steps": zo_state["skipped_steps"]})
+        if run.bar is not None:
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        evaluate_and_checkpoint(run)
+        if run.stopped_early:
             break
-    if bar is not None:
-        bar.close()
-    if is_main and config.steps > 0:
-        save_checkpoint(out / "checkpoint", model, optimizer, scheduler, loop)
+    if run.bar is not None:
+        run.bar.close()
+        run.bar = None
 
+
+def evaluate_and_checkpoint(run: Run) -> None:
+    """After a step: evaluate dev when due (keeping the best weights in best/, counting
+    evaluations without gain for --early-stop), then write the checkpoint when due."""
+    config, loop, out = run.config, run.loop, run.plan.out
+    due = config.eval_every and (loop["step"] % config.eval_every == 0 or loop["step"] == config.steps)
+    if due:
+        dev = run.evaluate(run.task.dev, "dev")
+        run.log.write({"kind": "eval", "step": loop["step"], **{f"dev_{k}": v for k, v in dev.items()}})
+        score = _primary(dev)
+        if loop["best"] is None or score > loop["best"]:
+            loop.update(best=score, best_step=loop["step"], evals_without_gain=0)
+            if run.plan.is_main:
+                save_trainable(run.model, out / "best")
+        else:
+            loop["evals_without_gain"] += 1
+        if run.bar is not None:
+            run.bar.write(f"step {loop['step']}: dev {_fmt(dev)} (best {loop['best']:.4f} at {loop['best_step']})")
+        if config.early_stop and loop["evals_without_gain"] >= config.early_stop:
+            run.say(f"zotune: early stop: no dev gain in {config.early_stop} evaluations")
+            run.stopped_early = True
+    if run.plan.is_main and ((config.save_every and loop["step"] % config.save_every == 0) or run.stopped_early):
+        save_checkpoint(out / "checkpoint", run.model, run.optimizer, run.scheduler, loop)
+
+
+def finish_run(run: Run) -> dict[str, Any]:
+    """Write the final checkpoint, reload the best weights, evaluate dev and test, and write
+    results.json and curves.png; returns the results."""
+    plan, config, loop, out, dist = run.plan, run.config, run.loop, run.plan.out, run.plan.dist
+    if plan.is_main and config.steps > 0:
+        save_checkpoint(out / "checkpoint", run.model, run.optimizer, run.scheduler, loop)
     if dist is not None:
         from zotune.distributed import check_replicas
 
-        check_replicas(optimizer)  # ranks must end bit-identical (raises a clear error if not)
+        check_replicas(run.optimizer)  # ranks must end bit-identical (raises a clear error if not)
         dist.barrier()  # the main process has written best/ and checkpoint/
     if loop["best_step"] is not None and (out / "best").exists():
-        load_trainable(model, out / "best")
-    final = {"dev": run_eval(task.dev, "dev")}
-    if task.test:
-        final["test"] = run_eval(task.test, "test")
+        load_trainable(run.model, out / "best")
+    final = {"dev": run.evaluate(run.task.dev, "dev")}
+    if run.task.test:
+        final["test"] = run.evaluate(run.task.test, "test")
     results = {
-        "task": task.name,
+        "task": run.task.name,
         "model": config.model,
-        "optimizer": optimizer_cls.__name__,
+        "optimizer": plan.optimizer_cls.__name__,
         "peft": config.peft,
-        "trainable_params": trainable,
+        "trainable_params": run.trainable,
         "steps": loop["step"],
-        "forwards": optimizer.zo_state["forwards"],
-        "skipped_steps": optimizer.zo_state["skipped_steps"],
+        "forwards": run.optimizer.zo_state["forwards"],
+        "skipped_steps": run.optimizer.zo_state["skipped_steps"],
         "best_step": loop["best_step"],
-        "stopped_early": stopped_early,
+        "stopped_early": run.stopped_early,
         "before": loop["before"],
         "after": final,
-        "seconds_per_step": float(np.median(step_times)) if step_times else None,
-        "wall_clock_s": time.time() - wall_start,
+        "seconds_per_step": float(np.median(run.step_times)) if run.step_times else None,
+        "wall_clock_s": time.time() - plan.wall_start,
         "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
-        "config": resolved,
+        "config": plan.resolved,
     }
-    if is_main:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        try:
-            from zotune.plotting import plot_runs
-
-            plot_runs([out], out / "curves.png")
-        except Exception as e:  # a plot must never fail a finished run
-            say(f"zotune: could not draw curves.png: {e}")
-        before_txt = ""
-        if loop["before"]:
-            split = "test" if "test" in loop["before"] else "dev"
-            before_txt = f"{split} {_fmt(loop['before'][split])} -> "
-        split = "test" if "test" in final else "dev"
-        say(f"zotune: done in {results['wall_clock_s']:.0f} s: {before_txt}{split} {_fmt(final[split])} "
-            f"(results in {out / 'results.json'})")
-    log.close()
+    if plan.is_main:
+        _write_results(run, results)
     if dist is not None:
         dist.barrier()
     return results
 
 
+def _write_results(run: Run, results: dict[str, Any]) -> None:
+    """results.json, curves.png and the closing line (main process)."""
+    out, before = run.plan.out, run.loop["before"]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+        from zotune.plotting import plot_runs
+
+        plot_runs([out], out / "curves.png")
+    except Exception as e:  # a plot must never fail a finished run
+        run.say(f"zotune: could not draw curves.png: {e}")
+    before_txt = ""
+    if before:
+        split = "test" if "test" in before else "dev"
+        before_txt = f"{split} {_fmt(before[split])} -> "
+    final = results["after"]
+    split = "test" if "test" in final else "dev"
+    run.say(f"zotune: done in {results['wall_clock_s']:.0f} s: {before_txt}{split} {_fmt(final[split])} "
+            f"(results in {out / 'results.json'})")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
+    """``accuracy 0.5000, f1 0.4000`` (the example count left out)."""
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
 
 
@@ -540,3 +598,11 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, loop: dict[str
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimizer and scheduler state from a checkpoint; returns the loop state."""
+    load_trainable(model, directory)
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
+    return json.loads((directory / "loop.json").read_text())
