@@ -31,7 +31,7 @@ HELP: dict[str, str] = {
     "optimizer": "optimizer name or alias (see `zotune optimizers`)",
     "steps": "number of optimizer steps",
     "output_dir": "where the run writes its files",
-    "lr": "learning rate (default: the spec's published setting for the optimizer and tuning mode)",
+    "lr": "learning rate (default: the optimizer's published setting for the tuning mode; docs/methods.md)",
     "eps": "perturbation scale (default by tuning mode: full 1e-3, lora 1e-2, prefix 1e-1)",
     "batch_size": "examples per step (global, split across data-parallel ranks)",
     "schedule": "learning-rate schedule: constant or linear (decay to 0)",
