@@ -10,27 +10,14 @@ import torch
 from torch import nn
 
 import zotune.optim as zo
-from zotune.optim.reference import REFERENCES
+from zotune.optim.reference import oracle_for
 
-# lr/eps per method for the small regression problem below (steps that move the weights
-# visibly without diverging); methods added later fall back to DEFAULT_KW.
-TEST_KW: dict[str, dict] = {
-    "ZOSGD": dict(lr=1e-2),
-    "ZOSGDMomentum": dict(lr=5e-3, momentum=0.9),
-    "ZOSGDConservative": dict(lr=1e-2),
-    "ZOSGDSign": dict(lr=1e-3),
-    "ZOAdam": dict(lr=1e-3),
-    "ZOAdaMU": dict(lr=1e-3, total_steps=10, t1=2),  # short anneal: all three phases in 6 steps
-    "HiZOO": dict(lr=1e-2, alpha=1e-2),
-    "HiZOOLowRank": dict(lr=1e-2, alpha=1e-2),
-    "HELENE": dict(lr=1e-3, hessian_interval=2),
-}
-DEFAULT_KW = dict(lr=1e-3)
 ALL = zo.available()
 
 
 def kw(name: str, **extra) -> dict:
-    return {**TEST_KW.get(name, DEFAULT_KW), **extra}
+    """The method's own ``test_kwargs`` for the problem below, plus ``extra``."""
+    return {**zo.get(name).test_kwargs, **extra}
 
 
 def make_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -62,7 +49,7 @@ def test_matches_reference_step_by_step(name):
     ref_model, ref_closure = make_problem(dtype=torch.float64)
     opt_kw = kw(name, eps=1e-3, seed=7)
     fast = zo.create(name, fast_model.parameters(), block_size=32, num_threads=2, **opt_kw)
-    ref_cls = REFERENCES[name]
+    ref_cls = oracle_for(name)
     ref = ref_cls(list(ref_model.parameters()), block_size=32, **opt_kw)
     moved = False
     for _ in range(6):
@@ -309,5 +296,10 @@ def test_registry_lists_core_methods_and_resolves_aliases():
 
 
 def test_every_registered_optimizer_has_a_reference():
-    missing = [n for n in zo.available() if n not in REFERENCES]
+    missing = []
+    for name in zo.available():
+        try:
+            oracle_for(name)
+        except (LookupError, ImportError, AttributeError, TypeError):
+            missing.append(name)
     assert not missing, f"no reference oracle for {missing}"

@@ -54,18 +54,10 @@ __all__ = [
     "train",
 ]
 
-# Starting points from the spec (MeZO/ZO-Bench/HiZOO/ZO-AdaMU published settings); eps by mode.
+# eps by tuning mode, MeZO's settings (arXiv 2305.17333); lr is each optimizer's ``lr_by_mode``.
 DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "final_norm": 1e-2, "norms": 1e-2}
-DEFAULT_LR: dict[str, dict[str, float]] = {
-    "full": {"ZOSGD": 1e-6, "ZOSGDMomentum": 1e-7, "ZOSGDConservative": 1e-6, "ZOSGDSign": 1e-7,
-             "ZOAdam": 1e-5, "HiZOO": 1e-6, "HiZOOLowRank": 1e-6, "ZOAdaMU": 1e-4, "HELENE": 1e-6},
-    "lora": {"ZOSGD": 5e-5, "ZOSGDMomentum": 5e-6, "ZOSGDConservative": 5e-5, "ZOSGDSign": 1e-5,
-             "ZOAdam": 1e-4, "HiZOO": 1e-5, "HiZOOLowRank": 1e-5, "ZOAdaMU": 1e-2, "HELENE": 5e-5},
-    "prefix": {"ZOSGD": 1e-2, "ZOSGDMomentum": 1e-3, "ZOSGDConservative": 1e-2, "ZOSGDSign": 1e-4,
-               "ZOAdam": 1e-3, "HiZOO": 1e-2, "HiZOOLowRank": 1e-2, "ZOAdaMU": 1e-4, "HELENE": 1e-2},
-}
-DEFAULT_LR["final_norm"] = {k: v * 100 for k, v in DEFAULT_LR["lora"].items()}
-DEFAULT_LR["norms"] = dict(DEFAULT_LR["final_norm"])
+#: tuning modes without published settings: lr = LoRA's lr times this factor (a few hundred weights)
+NORM_MODES_LR_FACTOR = {"final_norm": 100.0, "norms": 100.0}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -133,11 +125,13 @@ def load_trainable(model: torch.nn.Module, directory: Path) -> None:
 
 
 def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
-    """The learning rate used without ``--lr``: the published setting for the optimizer and the
-    tuning mode if there is one, else the optimizer's own default."""
-    table = DEFAULT_LR.get(config.peft, {})
-    if optimizer_cls.__name__ in table:
-        return table[optimizer_cls.__name__]
+    """The optimizer's starting lr for the tuning mode: its ``lr_by_mode`` entry (the norm-only
+    modes scale its LoRA entry), else its constructor's default."""
+    table = getattr(optimizer_cls, "lr_by_mode", {})
+    if config.peft in table:
+        return float(table[config.peft])
+    if config.peft in NORM_MODES_LR_FACTOR and "lora" in table:
+        return float(table["lora"]) * NORM_MODES_LR_FACTOR[config.peft]
     import inspect
 
     return float(inspect.signature(optimizer_cls.__init__).parameters["lr"].default)

@@ -56,7 +56,6 @@ from zotune.bench._common import DASH, find_optimizer, fmt, machine_info, markdo
 from zotune.bench.step_cases import (
     NAIVE,
     REFERENCE,
-    VARIANTS,
     Case,
     declared_state,
     make_runner,
@@ -76,7 +75,6 @@ __all__ = [
     "NAIVE",
     "REFERENCE",
     "SHAPES",
-    "VARIANTS",
     "Case",
     "NaiveMeZO",
     "add_arguments",

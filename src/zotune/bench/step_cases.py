@@ -15,9 +15,6 @@ from zotune.errors import UserError
 
 REFERENCE = "ZOSGD"  # the baseline of the "vs ZO-SGD" column
 NAIVE = "mezo-reference"
-#: extra rows with non-default options, timed and measured like the others: HiZOO's lazy Hessian
-#: refresh (2.5 forwards per step instead of 3) is the cheaper variant the targets compare with
-VARIANTS: dict[str, list[dict[str, Any]]] = {"HiZOO": [{"hessian_every": 2}]}
 
 
 @dataclass
@@ -77,7 +74,9 @@ def select_cases(optimizers: list[str] | None, distribution: str | None, naive: 
             dists = ["gaussian", "rademacher"] if name == REFERENCE else ["gaussian"]
         cls = zo.get(name)
         for d in dists:
-            for options in [{}, *VARIANTS.get(name, [])]:
+            # extra rows with non-default options (the class's ``bench_variants``, e.g. HiZOO's
+            # lazy Hessian refresh), timed and measured like the others
+            for options in [{}, *cls.bench_variants]:
                 cases.append(Case(name, d, int(getattr(cls, "forwards_per_step", 2)),
                                   tuple(getattr(cls, "state_buffers", ())), str(getattr(cls, "summary", "")),
                                   options=dict(options)))

@@ -108,6 +108,41 @@ class Block:
     def name(self) -> str:
         return f"param{self.slot.index}[{self.r0}:{self.r1}]"
 
+    def decay_weights(self) -> None:
+        """Decoupled weight decay ``theta -= lr * wd * theta`` (MeZO's form), if the group has any."""
+        lr, wd = self.group["lr"], self.group.get("weight_decay", 0.0)
+        if wd:
+            self.param.mul_(1.0 - lr * wd)
+
+
+# ---------------------------------------------------------------------- argument checks
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = True) -> None:
+    """Refuse ``value`` outside [low, high) (``low_open``/``high_open`` choose the brackets)."""
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above or value != value:  # NaN fails every comparison
+        if high is None:
+            where = f"{'>' if low_open else '>='} {low:g}"
+        elif low is None:
+            where = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be {where}, got {value}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Refuse anything but a whole number >= 1 (``2.0`` passes, ``True`` and ``1.5`` do not)."""
+    whole = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not whole or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Refuse a value that is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
 
 def is_no_decay(module: nn.Module, param_name: str) -> bool:
     """Biases and normalisation weights get no weight decay (MeZO's OPT rule)."""
@@ -162,12 +197,31 @@ class ZOOptimizer(torch.optim.Optimizer):
             check_every=K)`` (K: steps between checks that all ranks hold identical weights).
     """
 
+    # Everything zotune knows about a method lives on its class, so that adding a method means
+    # its file and its oracle, nothing else: the registry, the CLI, ``zotune train``'s default
+    # lr, ``zotune bench step`` and the common parametrized tests all read these attributes.
+
+    #: other names ``zotune.optim.get`` accepts (case, '-' and '_' ignored); must not collide
+    aliases: tuple[str, ...] = ()
+    #: the update rule in one line (``zotune optimizers``, ``zotune bench step``)
+    summary: str = ""
     #: forward passes per step, the mean over steps (for documentation and benchmarks)
     forwards_per_step: float = 2
     #: independent normal streams the direction needs per seed
     noise_streams: int = 1
     #: d-sized fp32 state buffers the method keeps (memory accounting)
     state_buffers: tuple[str, ...] = ()
+    #: published starting lr per tuning mode (``full``, ``lora``, ``prefix``; ``zotune train``
+    #: derives the norm-only modes from ``lora``); modes not listed use the constructor's lr
+    lr_by_mode: dict[str, float] = {}
+    #: the slow oracle the fast code must match step by step: a :class:`~zotune.optim.reference.ReferenceZO`
+    #: subclass or its ``"module:Class"`` path (imported only by tests)
+    reference: str | type | None = None
+    #: hyperparameters for the small regression problem of the common tests (lr that moves the
+    #: weights visibly without diverging, short schedules)
+    test_kwargs: dict[str, Any] = {"lr": 1e-3}
+    #: extra ``zotune bench step`` rows with non-default constructor options
+    bench_variants: tuple[dict[str, Any], ...] = ()
 
     def __init__(
         self,
@@ -183,12 +237,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         noise_device: str | torch.device | None = None,
         comm: Communicator | None = None,
     ):
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if defaults.get("lr", 0.0) < 0:
-            raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        check_range("eps", eps, 0.0, low_open=True)
+        check_range("lr", defaults.get("lr", 0.0), 0.0)
+        check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
+        check_choice("distribution", distribution, DISTRIBUTIONS)
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.comm = comm if comm is not None else Communicator()

@@ -1,7 +1,8 @@
 """HELENE (Zhao et al., EMNLP 2025) -- EXPERIMENTAL best-available reconstruction, no public code.
 
-The rule below is the spec's reconstruction (section 2.11: abstract, ICLR reviews and a
-third-party formula page); it has not been checked against the paper's Algorithms 1-2:
+The rule below is reconstructed from the abstract (arXiv 2411.10696), the ICLR reviews and a
+third-party formula page (docs/methods.md, "HELENE"); it has not been checked against the
+paper's Algorithms 1-2:
 
     g_t     = c_t z_t,  c_t = (L(theta + eps z) - L(theta - eps z)) / (2 eps)     # SPSA
     a_t     = beta1 + (1 - beta1) exp(-t / T)                     # annealing: 1 -> beta1
@@ -21,14 +22,14 @@ import math
 
 import torch
 
-from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_choice, check_positive_int, check_range
 
 MOMENTUM_FORMS = ("anneal", "ema")
 CLIP_FORMS = ("floor", "sophia")
 
 
 class HELENE(ZOOptimizer):
-    """EXPERIMENTAL: HELENE as reconstructed by the spec (unverified). 2 forwards; state m, h (2x).
+    """EXPERIMENTAL: HELENE as reconstructed in docs/methods.md (unverified). 2 forwards; state m, h (2x).
 
     Args:
         params: parameters, parameter groups (one per layer for per-layer lambda), or an
@@ -62,6 +63,9 @@ class HELENE(ZOOptimizer):
     aliases = ("helene",)
     summary = "EXPERIMENTAL: m = b1 m + a_t c z; h = b2 h + (1-b2) c^2 z^2 every k; theta -= lr m/max(h, lam)"
     state_buffers = ("momentum", "hessian")
+    lr_by_mode = {"full": 1e-6, "lora": 5e-5, "prefix": 1e-2}  # the same starting points as ZO-SGD
+    reference = "zotune.optim.reference_methods:RefHELENE"
+    test_kwargs = dict(lr=1e-3, hessian_interval=2)
 
     def __init__(
         self,
@@ -81,16 +85,16 @@ class HELENE(ZOOptimizer):
         clip: str = "floor",
         **engine,
     ):
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if anneal_steps <= 0 or hessian_interval < 1:
-            raise ValueError("anneal_steps must be > 0 and hessian_interval >= 1")
-        if gamma <= 0 or clip_threshold < 0 or denom_eps < 0 or gnb_scale <= 0:
-            raise ValueError("need gamma > 0, clip_threshold >= 0, denom_eps >= 0, gnb_scale > 0")
-        if momentum_form not in MOMENTUM_FORMS:
-            raise ValueError(f"momentum_form must be one of {MOMENTUM_FORMS}, got {momentum_form!r}")
-        if clip not in CLIP_FORMS:
-            raise ValueError(f"clip must be one of {CLIP_FORMS}, got {clip!r}")
+        check_range("betas[0]", betas[0], 0.0, 1.0)
+        check_range("betas[1]", betas[1], 0.0, 1.0)
+        check_range("anneal_steps", anneal_steps, 0.0, low_open=True)
+        check_positive_int("hessian_interval", hessian_interval)
+        for name, value in (("gamma", gamma), ("gnb_scale", gnb_scale)):
+            check_range(name, value, 0.0, low_open=True)
+        for name, value in (("clip_threshold", clip_threshold), ("denom_eps", denom_eps)):
+            check_range(name, value, 0.0)
+        check_choice("momentum_form", momentum_form, MOMENTUM_FORMS)
+        check_choice("clip", clip, CLIP_FORMS)
         if clip == "sophia" and denom_eps <= 0:
             raise ValueError("clip='sophia' needs denom_eps > 0")
         self.anneal_steps, self.hessian_interval = float(anneal_steps), int(hessian_interval)
@@ -122,8 +126,7 @@ class HELENE(ZOOptimizer):
             m.mul_(beta1 if self.momentum_form == "anneal" else 1.0 - a).add_(z, alpha=a * c)
             if refresh:
                 h.mul_(beta2).addcmul_(z, z, value=(1.0 - beta2) * self.gnb_scale * c * c)
-            if g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            block.decay_weights()
             lam = g["clip_threshold"]
             if self.clip == "floor":
                 denom = h.clamp(min=lam).mul_(g["gamma"]).add_(g["denom_eps"])

@@ -1,6 +1,6 @@
 """HiZOO (Zhao et al., ICLR 2025): SPSA with a diagonal-Hessian preconditioner h (fp32, h_0 = 1).
 
-Per step, with z ~ N(0, I) regenerated from the step seed (spec section 2.8, 2025 code):
+Per step, with z ~ N(0, I) regenerated from the step seed (the authors' 2025 code; docs/methods.md, "HiZOO"):
 
     u    = z / sqrt(h_{t-1})                                        # perturbation direction
     l0   = L(theta),  l+- = L(theta +- eps u)
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_choice, check_positive_int, check_range
 
 ALPHA_SCHEDULES = ("constant", "harmonic", "linear")
 #: default floor of h where it could otherwise reach 0: the effective h in ``abs_after_ema`` mode
@@ -93,6 +93,10 @@ class HiZOO(ZOOptimizer):
     summary = "u = z/sqrt(h); h = (1-a)h + a|dL h z^2/(2eps^2)|; theta -= lr c z/sqrt(h_new)"
     forwards_per_step = 3
     state_buffers = ("hessian",)
+    lr_by_mode = {"full": 1e-6, "lora": 1e-5, "prefix": 1e-2}  # starting points from the HiZOO paper
+    reference = "zotune.optim.reference_methods:RefHiZOO"
+    test_kwargs = dict(lr=1e-2, alpha=1e-2)
+    bench_variants = ({"hessian_every": 2},)  # the lazy refresh: 2.5 forwards per step
 
     def __init__(
         self,
@@ -113,24 +117,19 @@ class HiZOO(ZOOptimizer):
         hessian_every: int = 1,
         **engine,
     ):
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        if int(n_samples) != n_samples or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-        if warmup_probes < 0:
-            raise ValueError(f"warmup_probes must be >= 0, got {warmup_probes}")
-        if h_min is not None and h_min < 0:
-            raise ValueError(f"h_min must be >= 0, got {h_min}")
+        check_range("alpha", alpha, 0.0, 1.0)
+        check_positive_int("n_samples", n_samples)
+        check_range("warmup_probes", warmup_probes, 0)
+        if h_min is not None:
+            check_range("h_min", h_min, 0.0)
         if h_max is not None and not h_max > (h_min or 0.0):
             raise ValueError(f"h_max must be > h_min and > 0, got {h_max}")
-        if alpha_schedule not in ALPHA_SCHEDULES:
-            raise ValueError(f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {alpha_schedule!r}")
+        check_choice("alpha_schedule", alpha_schedule, ALPHA_SCHEDULES)
         if alpha_schedule == "linear" and not alpha_decay_steps:
             raise ValueError("alpha_schedule='linear' needs alpha_decay_steps")
-        if alpha_decay_steps is not None and alpha_decay_steps <= 0:
-            raise ValueError(f"alpha_decay_steps must be > 0, got {alpha_decay_steps}")
-        if int(hessian_every) != hessian_every or hessian_every < 1:
-            raise ValueError(f"hessian_every must be a positive integer, got {hessian_every}")
+        if alpha_decay_steps is not None:
+            check_range("alpha_decay_steps", alpha_decay_steps, 0.0, low_open=True)
+        check_positive_int("hessian_every", hessian_every)
         self.trace_correction = bool(trace_correction)
         self.abs_after_ema = bool(abs_after_ema)
         self.n_samples = int(n_samples)
@@ -258,8 +257,7 @@ class HiZOO(ZOOptimizer):
         ZO-SGD bit for bit (a fused addcdiv rounds twice).
         """
         g = block.group
-        if g["weight_decay"]:
-            block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+        block.decay_weights()
         for noise, c in zip(noises, grads):
             z = noise[0].to(root.dtype)  # a copy only for float64 parameters
             block.param.add_(z.div_(root), alpha=-g["lr"] * c / len(grads))

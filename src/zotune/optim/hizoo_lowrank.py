@@ -1,7 +1,7 @@
 """HiZOO-L (Zhao et al., ICLR 2025, Appendix D): HiZOO with an Adafactor-factored Hessian.
 
 Each matrix parameter (>= 2-D, viewed as m rows of n = numel / m elements) stores row and
-column factors R (m) and C (n) instead of a full h (spec section 2.9):
+column factors R (m) and C (n) instead of a full h (docs/methods.md, "HiZOO-L"):
 
     h_ij  = R_i C_j / sum(R)                    # rank 1; R = n 1, C = m 1 at init, so h = 1
     est   = (l+ + l- - 2 l0) / (2 eps^2) * h_{t-1} * (z^2 - k)      # as HiZOO, per element
@@ -56,6 +56,10 @@ class HiZOOLowRank(HiZOO):
     summary = "HiZOO with h ~ R C^T / sum(R) per matrix (Adafactor factors, |est| row/col sums)"
     forwards_per_step = 3
     state_buffers = ()  # R and C are O(rows + cols) per matrix; 1-D tensors keep a full h
+    lr_by_mode = {"full": 1e-6, "lora": 1e-5, "prefix": 1e-2}  # starting points from the HiZOO paper
+    reference = "zotune.optim.reference_methods:RefHiZOOLowRank"
+    test_kwargs = dict(lr=1e-2, alpha=1e-2)
+    bench_variants = ()  # HiZOO's lazy refresh (hessian_every) is not implemented for the factored h
 
     def __init__(
         self,

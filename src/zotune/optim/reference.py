@@ -3,14 +3,17 @@
 Each reference materialises the full direction z of every parameter (with the same noise
 contract as the fast engine, :func:`zotune.optim.noise.full_noise`), evaluates losses at
 explicitly constructed points ``theta + offset`` (restoring theta from a saved copy), and
-applies the update rule with plain tensor math, exactly as the spec writes it. The fast
-optimizers are tested against these step by step.
+applies the update rule with plain tensor math, exactly as the paper (or docs/methods.md,
+where the code departs from it) writes it. The fast optimizers are tested against these
+step by step; each optimizer class names its oracle in its ``reference`` attribute
+(:func:`oracle_for`).
 
 They support one parameter group of fp32 tensors, which is all the tests need.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -139,14 +142,19 @@ class RefZOAdam(ReferenceZO):
             p.sub_(self.hp["lr"] * m_hat / (v_hat.sqrt() + self.hp.get("adam_eps", 1e-8)))
 
 
-#: fast class name -> reference class (the methods' files add theirs)
-REFERENCES: dict[str, type[ReferenceZO]] = {
-    "ZOSGD": RefZOSGD,
-    "ZOSGDMomentum": RefZOSGDMomentum,
-    "ZOSGDConservative": RefZOSGDConservative,
-    "ZOSGDSign": RefZOSGDSign,
-    "ZOAdam": RefZOAdam,
-}
+def oracle_for(optimizer: str | type) -> type[ReferenceZO]:
+    """The reference class named by an optimizer's ``reference`` attribute (a class or ``"module:Class"``)."""
+    from zotune.optim.registry import get
 
-# HiZOO, HiZOO-L, ZO-AdaMU and HELENE: reference_methods adds its oracles to REFERENCES
-import zotune.optim.reference_methods  # noqa: E402, F401
+    cls = get(optimizer) if isinstance(optimizer, str) else optimizer
+    ref = getattr(cls, "reference", None)
+    if ref is None:
+        raise LookupError(f"{cls.__name__} names no reference oracle (set its `reference` attribute)")
+    if isinstance(ref, str):
+        module, _, qualname = ref.partition(":")
+        ref = importlib.import_module(module)
+        for part in qualname.split("."):
+            ref = getattr(ref, part)
+    if not (isinstance(ref, type) and issubclass(ref, ReferenceZO)):
+        raise TypeError(f"{cls.__name__}.reference is not a ReferenceZO subclass: {ref!r}")
+    return ref

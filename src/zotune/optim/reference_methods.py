@@ -1,7 +1,7 @@
 """Reference oracles of HiZOO, HiZOO-L, ZO-AdaMU and HELENE (see :mod:`zotune.optim.reference`).
 
 Each materialises z, forms every quantity as a full tensor and writes the update exactly as
-the spec (``docs/algorithms.md`` sections 2.7-2.11) does. One parameter group, no sharding.
+docs/methods.md (sections HiZOO, HiZOO-L, ZO-AdaMU, HELENE) does. One parameter group, no sharding.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from zotune.optim.reference import REFERENCES, Closure, ReferenceZO
+from zotune.optim.reference import Closure, ReferenceZO
 
 # same constants as the fast implementations (part of their documented behaviour)
 _H_FLOOR = 1e-4
@@ -19,7 +19,7 @@ _WARMUP_OFFSET = 1 << 20
 
 class RefHiZOO(ReferenceZO):
     """HiZOO: the 2025-code estimator, the paper's (z^2 - 1) form, PeFoo's abs-after-EMA,
-    clamping, warm start, alpha schedules, and HiZOO-multi (spec 2.8 and 2.10).
+    clamping, warm start, alpha schedules, and HiZOO-multi (docs/methods.md, "HiZOO").
 
     ``multi_formula=True`` forces the n-sample formulas even for n = 1.
     """
@@ -104,7 +104,7 @@ class RefHiZOO(ReferenceZO):
         grads, second = self._second_differences(closure, zs, h, l0)
         alpha, lr = self._alpha(), self.hp["lr"]
         if n == 1 and not self.hp.get("multi_formula", False):
-            # the single-sample formulas of spec 2.8, literally
+            # the single-sample formulas of docs/methods.md ("HiZOO"), literally
             z, d, c = zs[0], second[0], grads[0]
             if self.hp.get("trace_correction", False) or self.hp.get("abs_after_ema", False):
                 k = 1.0 if self.hp.get("trace_correction", False) else 0.0
@@ -127,7 +127,7 @@ class RefHiZOO(ReferenceZO):
 
 
 class RefHiZOOLowRank(RefHiZOO):
-    """HiZOO-L (spec 2.9): h = R C^T / sum(R) for matrices, a full h for the rest."""
+    """HiZOO-L (docs/methods.md, "HiZOO-L"): h = R C^T / sum(R) for matrices, a full h for the rest."""
 
     def _h(self, k: int) -> torch.Tensor:
         st = self.state[k]
@@ -177,7 +177,7 @@ class RefHiZOOLowRank(RefHiZOO):
 
 
 class RefZOAdaMU(ReferenceZO):
-    """ZO-AdaMU, Algorithm 1 with the pure-function anneal (spec 2.7)."""
+    """ZO-AdaMU, Algorithm 1 with the pure-function anneal (docs/methods.md, "ZO-AdaMU")."""
 
     def _coefficients(self) -> tuple[float, float, float]:
         if self.hp.get("fixed") is not None:
@@ -213,7 +213,7 @@ class RefZOAdaMU(ReferenceZO):
 
 
 class RefHELENE(ReferenceZO):
-    """HELENE, the spec's best-available reconstruction (2.11)."""
+    """HELENE, the best-available reconstruction of docs/methods.md ("HELENE")."""
 
     def _step(self, closure: Closure) -> None:
         z = self.noise()
@@ -239,5 +239,3 @@ class RefHELENE(ReferenceZO):
                 p.sub_(self.hp["lr"] * torch.clamp(m / torch.clamp(gamma * h, min=delta), -lam, lam))
             st["m"], st["h"] = m, h
 
-
-REFERENCES.update({"ZOAdaMU": RefZOAdaMU, "HiZOO": RefHiZOO, "HiZOOLowRank": RefHiZOOLowRank, "HELENE": RefHELENE})

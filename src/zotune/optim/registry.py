@@ -1,6 +1,10 @@
 """Look up optimizers by name: ``create("hizoo", model, lr=1e-6)``.
 
-Every class registered here appears automatically in ``zotune bench`` and the CLI.
+Every class registered here appears automatically in ``zotune optimizers``, ``zotune train
+--optimizer``, ``zotune bench step`` and the common parametrized tests: they read what they
+need from the class (``aliases``, ``summary``, ``lr_by_mode``, ``reference``, ``test_kwargs``,
+``bench_variants``; see :class:`~zotune.optim.engine.ZOOptimizer`). Names are matched with case,
+``-``, ``_`` and spaces ignored, and two classes may not claim the same name.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from typing import Any
 from zotune.errors import UserError
 from zotune.optim.engine import ZOOptimizer
 
-_REGISTRY: dict[str, type[ZOOptimizer]] = {}
+_REGISTRY: dict[str, type[ZOOptimizer]] = {}  # class name -> class, in registration order
+_NAMES: dict[str, type[ZOOptimizer]] = {}  # normalised class name or alias -> class
 
 
 def _key(name: str) -> str:
@@ -18,8 +23,19 @@ def _key(name: str) -> str:
 
 
 def register(cls: type[ZOOptimizer]) -> type[ZOOptimizer]:
-    """Register an optimizer class under its class name and its ``aliases``."""
+    """Register an optimizer class under its class name and its ``aliases`` (usable as a decorator).
+
+    Registering the same class again is a no-op; a name (or alias) that another class already
+    uses raises ``ValueError`` and registers nothing.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ZOOptimizer)):
+        raise TypeError(f"register() needs a ZOOptimizer subclass, got {cls!r}")
+    keys = {_key(cls.__name__), *(_key(a) for a in cls.aliases)}
+    clashes = sorted(f"{k!r} ({_NAMES[k].__name__})" for k in keys if _NAMES.get(k, cls) is not cls)
+    if clashes:
+        raise ValueError(f"cannot register {cls.__name__}: {', '.join(clashes)} already taken")
     _REGISTRY[cls.__name__] = cls
+    _NAMES.update(dict.fromkeys(keys, cls))
     return cls
 
 
@@ -30,11 +46,10 @@ def available() -> list[str]:
 
 def get(name: str) -> type[ZOOptimizer]:
     """The optimizer class for a class name or alias (case, '-' and '_' ignored)."""
-    wanted = _key(name)
-    for cls_name, cls in _REGISTRY.items():
-        if wanted == _key(cls_name) or wanted in {_key(a) for a in getattr(cls, "aliases", ())}:
-            return cls
-    names = ", ".join(f"{n} ({'/'.join(getattr(c, 'aliases', ())[:1])})" for n, c in _REGISTRY.items())
+    cls = _NAMES.get(_key(name))
+    if cls is not None:
+        return cls
+    names = ", ".join(f"{n} ({'/'.join(c.aliases[:1])})" if c.aliases else n for n, c in _REGISTRY.items())
     raise UserError(f"unknown optimizer {name!r}; available: {names}")
 
 

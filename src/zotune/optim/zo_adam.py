@@ -4,14 +4,14 @@
     theta <- theta - lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + adam_eps)
 
 With SPSA, E[g_i^2] = |grad|^2 + 2 grad_i^2 is almost isotropic in high dimension, so this
-behaves much like SGD normalised by a running |grad| (see the spec, section 2.5).
+behaves much like SGD normalised by a running |grad| (docs/methods.md, "ZO-SGD and the ZO-Bench family").
 """
 
 from __future__ import annotations
 
 import torch
 
-from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_range
 
 
 class ZOAdam(ZOOptimizer):
@@ -28,11 +28,14 @@ class ZOAdam(ZOOptimizer):
     aliases = ("zo-adam", "zoadam", "zo_adam", "mezo-adam")
     summary = "Adam on g = c z (bias-corrected, fp32 m and v)"
     state_buffers = ("exp_avg", "exp_avg_sq")
+    lr_by_mode = {"full": 1e-5, "lora": 1e-4, "prefix": 1e-3}  # starting points from the ZO-Bench grids
+    reference = "zotune.optim.reference:RefZOAdam"
+    test_kwargs = dict(lr=1e-3)
 
     def __init__(self, params, lr: float = 1e-5, eps: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, amsgrad: bool = False, weight_decay: float = 0.0, **engine):
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        check_range("betas[0]", betas[0], 0.0, 1.0)
+        check_range("betas[1]", betas[1], 0.0, 1.0)
         defaults = dict(lr=lr, betas=tuple(betas), adam_eps=adam_eps, amsgrad=amsgrad, weight_decay=weight_decay)
         super().__init__(params, defaults, eps=eps, **engine)
         if amsgrad:
@@ -59,8 +62,7 @@ class ZOAdam(ZOOptimizer):
                 torch.maximum(v_max, v, out=v_max)
                 v = v_max
             denom = (v / (1.0 - beta2**t)).sqrt_().add_(g["adam_eps"])
-            if g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            block.decay_weights()
             block.param.addcdiv_(m, denom, value=-g["lr"] / (1.0 - beta1**t))
 
         self._update([seed], kernel)

@@ -1,7 +1,7 @@
 """ZO-AdaMU (Jiang et al., AAAI 2024): SPSA along a momentum/noise mixture, Algorithm 1.
 
 Per step t, with (alpha, beta1, beta2) = A_phi(t) and two normal streams z1, z2 of the seed
-(spec section 2.7, the paper's algorithm with a pure-function anneal):
+(docs/methods.md, "ZO-AdaMU": the paper's algorithm with a pure-function anneal):
 
     zd  = sqrt(alpha) z1                     ~ N(0, alpha)
     zdd = m_{t-1} + sqrt(1 - alpha) z2       ~ N(m_{t-1}, 1 - alpha)
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_choice, check_range
 
 PHASE3_POLICIES = ("frozen", "paper")
 #: the paper's text for phase 3: (alpha, beta1, beta2)
@@ -80,6 +80,9 @@ class ZOAdaMU(ZOOptimizer):
     summary = "m = b1 sqrt(a) z1 + (1-b1)(m + sqrt(1-a) z2); theta -= lr g m / sqrt(v + sigma)"
     noise_streams = 2
     state_buffers = ("momentum",)
+    lr_by_mode = {"full": 1e-4, "lora": 1e-2, "prefix": 1e-4}  # starting points from the ZO-AdaMU paper
+    reference = "zotune.optim.reference_methods:RefZOAdaMU"
+    test_kwargs = dict(lr=1e-3, total_steps=10, t1=2)  # short anneal: all three phases in 6 steps
 
     def __init__(
         self,
@@ -102,10 +105,8 @@ class ZOAdaMU(ZOOptimizer):
             raise ValueError(f"need 0 <= t1 < t2 <= total_steps, got {t1}, {t2}, {total_steps}")
         if len(phi) != 3 or any(total_steps - p * (total_steps - t2) <= 0 for p in phi):
             raise ValueError(f"phi must be 3 values with T3 - phi (T3 - T2) > 0, got {phi}")
-        if phase3 not in PHASE3_POLICIES:
-            raise ValueError(f"phase3 must be one of {PHASE3_POLICIES}, got {phase3!r}")
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        check_choice("phase3", phase3, PHASE3_POLICIES)
+        check_range("sigma", sigma, 0.0)
         if fixed is not None and (len(fixed) != 3 or not all(0.0 <= x <= 1.0 for x in fixed)):
             raise ValueError(f"fixed must be 3 values in [0, 1], got {fixed}")
         self.total_steps, self.t1, self.t2 = int(total_steps), int(t1), t2
@@ -152,8 +153,7 @@ class ZOAdaMU(ZOOptimizer):
             zd = noises[0][0].to(m_prev.dtype) * math.sqrt(alpha)  # a new tensor, in the state dtype
             zdd = torch.add(m_prev, noises[0][1], alpha=math.sqrt(1.0 - alpha))
             v = zd.mul_(zd).mul_(beta2).addcmul_(zdd, zdd, value=1.0 - beta2)
-            if group["weight_decay"]:
-                block.param.mul_(1.0 - group["lr"] * group["weight_decay"])
+            block.decay_weights()
             block.param.addcdiv_(m, v.add_(self.sigma).sqrt_(), value=-group["lr"] * g)
             m_prev.copy_(m)
 

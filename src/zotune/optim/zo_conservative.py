@@ -3,7 +3,7 @@
     theta <- argmin over {theta - lr g, theta + lr g, theta} of L(.; B),  g = c z
 
 Plain SGD displacements (exactly what the paper defines; ZO-Bench's published sweeps ran HF
-AdamW here by accident, see the spec). 5 forwards per step, no state.
+AdamW here by accident; docs/methods.md, "ZO-SGD and the ZO-Bench family"). 5 forwards per step, no state.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ class ZOSGDConservative(ZOOptimizer):
     aliases = ("zo-sgd-cons", "zosgdcons", "zo-cons", "zo_sgd_conservative")
     summary = "theta = argmin_{theta, theta -+ lr c z} L"
     forwards_per_step = 5
+    lr_by_mode = {"full": 1e-6, "lora": 5e-5, "prefix": 1e-2}  # starting points from the ZO-Bench grids
+    reference = "zotune.optim.reference:RefZOSGDConservative"
+    test_kwargs = dict(lr=1e-2)
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **engine):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **engine)
@@ -45,11 +48,9 @@ class ZOSGDConservative(ZOOptimizer):
         self.zo_state["last_choice"] = sign
 
         def kernel(block: Block, noises: Noises) -> None:
-            g = block.group
-            if sign != 0.0 and g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
             if sign != 0.0:
-                block.param.add_(noises[0][0], alpha=sign * g["lr"] * c)
+                block.decay_weights()
+                block.param.add_(noises[0][0], alpha=sign * block.group["lr"] * c)
 
         self._update([seed], kernel)
         return min(base, down, up)

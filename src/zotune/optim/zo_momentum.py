@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_range
 
 
 class ZOSGDMomentum(ZOOptimizer):
@@ -22,11 +22,13 @@ class ZOSGDMomentum(ZOOptimizer):
     aliases = ("zo-sgd-mmt", "zosgdmmt", "zo-momentum", "zo_sgd_momentum")
     summary = "m = beta m + c z; theta -= lr m"
     state_buffers = ("momentum",)
+    lr_by_mode = {"full": 1e-7, "lora": 5e-6, "prefix": 1e-3}  # starting points from the ZO-Bench grids
+    reference = "zotune.optim.reference:RefZOSGDMomentum"
+    test_kwargs = dict(lr=5e-3, momentum=0.9)
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, **engine):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_range("momentum", momentum, 0.0, 1.0)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), eps=eps, **engine)
 
     def init_state(self, param: torch.Tensor, state: dict) -> None:
@@ -40,8 +42,7 @@ class ZOSGDMomentum(ZOOptimizer):
             g = block.group
             m = block.view(block.state["momentum"])
             m.mul_(g["momentum"]).add_(noises[0][0], alpha=c)
-            if g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            block.decay_weights()
             block.param.add_(m, alpha=-g["lr"])
 
         self._update([seed], kernel)

@@ -32,6 +32,9 @@ class ZOSGD(ZOOptimizer):
 
     aliases = ("mezo", "zo-sgd", "zosgd", "zo_sgd")
     summary = "theta -= lr * c z, c = (L+ - L-)/(2 eps)"
+    lr_by_mode = {"full": 1e-6, "lora": 5e-5, "prefix": 1e-2}  # MeZO's OPT settings
+    reference = "zotune.optim.reference:RefZOSGD"
+    test_kwargs = dict(lr=1e-2)
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **engine):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **engine)
@@ -41,10 +44,8 @@ class ZOSGD(ZOOptimizer):
         plus, minus, c = self._spsa(closure, seed)
 
         def kernel(block: Block, noises: Noises) -> None:
-            lr, wd = block.group["lr"], block.group["weight_decay"]
-            if wd:
-                block.param.mul_(1.0 - lr * wd)
-            block.param.add_(noises[0][0], alpha=-lr * c)
+            block.decay_weights()
+            block.param.add_(noises[0][0], alpha=-block.group["lr"] * c)
 
         self._update([seed], kernel)
         return 0.5 * (plus + minus)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
+from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_choice
 
 VARIANTS = ("paper", "zo-bench")
 
@@ -21,11 +21,13 @@ class ZOSGDSign(ZOOptimizer):
 
     aliases = ("zo-sgd-sign", "zosgdsign", "zo-sign", "zo_sgd_sign")
     summary = "theta -= lr sign(c) sign(z)"
+    lr_by_mode = {"full": 1e-7, "lora": 1e-5, "prefix": 1e-4}  # starting points from the ZO-Bench grids
+    reference = "zotune.optim.reference:RefZOSGDSign"
+    test_kwargs = dict(lr=1e-3)
 
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0,
                  variant: str = "paper", **engine):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        check_choice("variant", variant, VARIANTS)
         self.variant = variant
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **engine)
 
@@ -37,8 +39,7 @@ class ZOSGDSign(ZOOptimizer):
         def kernel(block: Block, noises: Noises) -> None:
             g = block.group
             z = noises[0][0]
-            if g["weight_decay"]:
-                block.param.mul_(1.0 - g["lr"] * g["weight_decay"])
+            block.decay_weights()
             direction = z.sign() if self.variant == "paper" else z
             block.param.add_(direction, alpha=-g["lr"] * sign_c)
 

@@ -1,6 +1,7 @@
 """The built-in tasks, their data splits, and :func:`get_task` / :func:`available_tasks`.
 
-Split protocols (``algorithms.md`` §5.3):
+Split protocols (LM-BFF, Gao et al. 2021, arXiv 2012.15723; MeZO, Malladi et al. 2023,
+arXiv 2305.17333; README "Tasks"):
 
 * **LM-BFF** (SST-2, SST-5, TREC, SNLI, MNLI, RTE): ``k`` examples per class for train and
   the same for dev. ``k=16`` reads LM-BFF's published splits for ``data_seed`` in

@@ -4,7 +4,7 @@
 :func:`evaluate` returns ``{"accuracy": ..., "n": ...}`` or ``{"f1": ..., "em": ..., "n": ...}``.
 Both work with plain ``transformers`` models and peft-wrapped ones (LoRA, prefix tuning).
 
-How each kind is scored (``algorithms.md`` §5):
+How each kind is scored (as in MeZO's ``large_models`` code, arXiv 2305.17333; README "Tasks"):
 
 * **Classification, causal LM, single-token label words** (the fast path): one forward per
   example (prompts left-padded, with an attention mask and position ids that skip the padding),

@@ -1,6 +1,6 @@
 """Prompt templates and label words of every built-in task.
 
-Two families (see ``algorithms.md`` §5):
+Two families (README "Tasks"):
 
 * **MeZO OPT templates** (``template="mezo"``; MeZO ``large_models/templates.py``), used by
   default for the SuperGLUE tasks, SQuAD and DROP. Where the MeZO prompt ends in a space
