@@ -21,9 +21,22 @@ resuming (the ZO state, including the step counter that drives the direction see
     >>> result.global_step, trainer.zo_optimizer.zo_state["forwards"]     # 3 forwards per HiZOO step
     (5, 15)
 
-The closure is ``compute_loss(model, inputs)`` (the model's own loss on the batch) evaluated in
-eval mode without gradients. Pass ``zo_loss_fn(model, inputs) -> loss`` for another objective
-(e.g. a negative accuracy).
+The closure is ``compute_loss(model, inputs, num_items_in_batch=...)`` -- the loss exactly as
+``Trainer`` computes it for a first-order step, normalised by the number of predicted tokens
+of the (global) batch -- evaluated in eval mode without gradients. Pass
+``zo_loss_fn(model, inputs) -> loss`` for another objective (e.g. a negative accuracy).
+
+Log lines carry ``projected_grad`` (the mean ``|c|``, ``c = (L+ - L-) / 2 eps``, over the
+steps since the last log line) instead of ``grad_norm``, which would always read 0.0.
+
+**Several processes** (``torchrun`` or ``accelerate launch --multi_gpu``, so that the Trainer
+runs in ``ParallelMode.DISTRIBUTED``): the optimizer gets a
+:class:`~zotune.distributed.ProcessGroupComm`, so every rank draws the same directions,
+evaluates its own batch, and only the loss scalars are all-reduced; the ranks' weights stay
+bit-identical (checked every ``zo_check_every`` steps and at the end of ``train()``). The model
+is *not* wrapped in ``DistributedDataParallel`` (there are no gradients to reduce). Other
+parallel modes (``nn.DataParallel`` over several GPUs in one process, DeepSpeed, the Trainer's
+FSDP, TPU, SageMaker) are refused with a message.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.training_args import ParallelMode
 
 import zotune.optim as zo
 from zotune.errors import UserError
@@ -42,19 +56,25 @@ class ZOTrainer(Trainer):
     """A Trainer whose optimizer is a zotune zeroth-order optimizer.
 
     Args:
-        zo_optimizer: a name from ``zotune.optim.available()`` or a ready ``ZOOptimizer``.
+        zo_optimizer: a name from ``zotune.optim.available()`` or a ready ``ZOOptimizer``
+            (on several processes, built with ``comm=zotune.distributed.ProcessGroupComm()``).
         zo_kwargs: extra constructor arguments (``eps``, ``alpha``, ...); ``lr`` and
             ``weight_decay`` come from ``TrainingArguments``.
         zo_loss_fn: optional ``(model, inputs) -> scalar`` objective to minimise.
+        zo_check_every: on several processes, check every this many steps that the ranks
+            hold bit-identical weights (0: only at the end of ``train()``).
         All other arguments are ``transformers.Trainer``'s.
     """
 
     def __init__(self, *args: Any, zo_optimizer: str | zo.ZOOptimizer = "zosgd",
                  zo_kwargs: dict[str, Any] | None = None,
-                 zo_loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, **kwargs: Any):
+                 zo_loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+                 zo_check_every: int = 100, **kwargs: Any):
         self.zo_optimizer_spec = zo_optimizer
         self.zo_kwargs = dict(zo_kwargs or {})
         self.zo_loss_fn = zo_loss_fn
+        self.zo_check_every = int(zo_check_every)
+        self._zo_projected: list[float] = []  # |c| of the steps since the last log line
         super().__init__(*args, **kwargs)
         if getattr(self.args, "fp16", False) or getattr(self.args, "bf16", False):
             raise UserError(
@@ -63,8 +83,41 @@ class ZOTrainer(Trainer):
             )
         if self.args.gradient_accumulation_steps != 1:
             raise UserError("ZOTrainer needs gradient_accumulation_steps=1; raise the batch size instead")
+        self._check_parallel_mode()
 
-    def create_optimizer(self):  # type: ignore[override]
+    @property
+    def zo_distributed(self) -> bool:
+        """True when the Trainer runs one process per device (``ParallelMode.DISTRIBUTED``)."""
+        return self.args.parallel_mode == ParallelMode.DISTRIBUTED
+
+    def _check_parallel_mode(self) -> None:
+        mode = self.args.parallel_mode
+        if mode not in (ParallelMode.NOT_PARALLEL, ParallelMode.DISTRIBUTED):
+            fix = "use torchrun or accelerate launch"
+            if mode == ParallelMode.NOT_DISTRIBUTED:
+                fix = "launch one process per GPU (torchrun --nproc_per_node N, or accelerate launch --multi_gpu ...)"
+            raise UserError(f"ZOTrainer supports one process or one process per device, not {mode.value}: {fix}")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.is_fsdp_xla_enabled:
+            raise UserError(
+                "ZOTrainer does not support DeepSpeed or the Trainer's FSDP: use plain data parallelism "
+                "(torchrun / accelerate launch --multi_gpu), or zotune.distributed.fully_shard_for_zo with the "
+                "optimizers directly"
+            )
+
+    def create_accelerator_and_postprocess(self) -> None:  # type: ignore[override]
+        super().create_accelerator_and_postprocess()
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_without_ddp(model: torch.nn.Module, device_placement: bool | None = None,
+                                evaluation_mode: bool = False) -> torch.nn.Module:
+            # ZO has no gradients to all-reduce: accelerate's evaluation mode places the model on
+            # its device without wrapping it in DistributedDataParallel (which would broadcast
+            # rank 0's weights and hook the forward); the ZO optimizer keeps the ranks identical
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+        self.accelerator.prepare_model = prepare_without_ddp  # type: ignore[method-assign]
+
+    def create_optimizer(self, model: torch.nn.Module | None = None):  # type: ignore[override]
         if self.optimizer is None:
             spec = self.zo_optimizer_spec
             if isinstance(spec, zo.ZOOptimizer):
@@ -72,7 +125,17 @@ class ZOTrainer(Trainer):
             else:
                 kwargs = {"lr": self.args.learning_rate, "weight_decay": self.args.weight_decay,
                           "seed": self.args.seed, **self.zo_kwargs}
-                self.optimizer = zo.create(spec, self.model, **kwargs)
+                if self.zo_distributed and "comm" not in kwargs:
+                    from zotune.distributed import ProcessGroupComm
+
+                    kwargs["comm"] = ProcessGroupComm(check_every=self.zo_check_every)
+                self.optimizer = zo.create(spec, model if model is not None else self.model, **kwargs)
+            if self.zo_distributed and self.optimizer.comm.world_size != self.args.world_size:
+                raise UserError(
+                    f"ZOTrainer runs on {self.args.world_size} processes but the optimizer's comm reduces over "
+                    f"{self.optimizer.comm.world_size}: build it with comm=zotune.distributed.ProcessGroupComm() "
+                    "or pass the optimizer's name"
+                )
         return self.optimizer
 
     @property
@@ -88,6 +151,14 @@ class ZOTrainer(Trainer):
             opt = inner
         return opt
 
+    def train(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        result = super().train(*args, **kwargs)
+        if self.zo_distributed:
+            from zotune.distributed import check_replicas
+
+            check_replicas(self.zo_optimizer)  # the ranks must end bit-identical (raises a clear error if not)
+        return result
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:  # type: ignore[override]
         inputs = self._prepare_inputs(inputs)
@@ -97,7 +168,7 @@ class ZOTrainer(Trainer):
             if self.zo_loss_fn is not None:
                 return self.zo_loss_fn(model, inputs)
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs)
+                return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
         was_training = model.training
         model.eval()
@@ -105,6 +176,17 @@ class ZOTrainer(Trainer):
             loss = optimizer.step(closure)
         finally:
             model.train(was_training)
+        if torch.isfinite(loss):
+            self._zo_projected.extend(abs(c) for c in optimizer.zo_state["last_projected_grads"])
         # the Trainer's inner loop calls optimizer.step() next: it must not step again
-        optimizer._closureless_step_is_noop = True
+        optimizer.skip_next_closureless_step()
         return loss.detach().to(self.args.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training log lines get ``projected_grad`` (mean |c| since the last line) instead of ``grad_norm``."""
+        if "loss" in logs:
+            logs.pop("grad_norm", None)
+            if self._zo_projected:
+                logs["projected_grad"] = sum(self._zo_projected) / len(self._zo_projected)
+            self._zo_projected = []
+        super().log(logs, *args, **kwargs)
