@@ -264,6 +264,12 @@ def test_torchrun_data_parallel_matches_single_process(tmp_path, tiny_model_dir)
                          "--standalone", *common, "--output-dir", str(tmp_path / "dp")],
                         capture_output=True, text=True, timeout=300, env=env)
     assert dp.returncode == 0, dp.stderr[-3000:]
+    assert "world size 2 (2 processes, backend gloo, 4 examples per process)" in dp.stderr
+    assert "world size 1 (one process;" in single.stderr
+    for run_dir, world, backend in (("single", 1, None), ("dp", 2, "gloo")):
+        for name in ("config.json", "results.json"):
+            recorded = json.loads((tmp_path / run_dir / name).read_text())["data_parallel"]
+            assert recorded == {"world_size": world, "backend": backend}, (run_dir, name)
     a = load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "dp" / "checkpoint" / "trainable.safetensors"))
     init = dict(tiny_setup()[0].named_parameters())
@@ -284,3 +290,35 @@ def test_cli_custom_jsonl_task_without_code(tmp_path, tiny_model_dir):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "custom" and "accuracy" in results["after"]["dev"]
+
+
+def test_cli_refuses_a_batch_the_processes_cannot_share_before_loading_anything(tmp_path, monkeypatch, capsys):
+    """Under a launcher with 3 processes, --batch-size 4 is refused (exit 2, one line) before the
+    model loads and before the output directory is created."""
+    import zotune.distributed
+    import zotune.train
+    from zotune.distributed import DistContext
+
+    fake = DistContext(rank=0, world_size=3, local_rank=0, group=None, device=torch.device("cpu"), backend="gloo",
+                       timeout_s=1.0, owns_group=False)
+    monkeypatch.setattr(zotune.distributed, "init_distributed", lambda *a, **k: fake)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(zotune.train, "build_model", no_loading)
+    monkeypatch.setattr(zotune.train, "build_task", no_loading)
+    out = tmp_path / "run"
+    code = main(["train", "--task", "sst2", "--batch-size", "4", "--steps", "1", "--no-progress",
+                 "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--batch-size 4 is not divisible by the 3 data-parallel processes; use a multiple of 3" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_saved_config_with_its_data_parallel_record_is_a_valid_config(tmp_path):
+    _, results = run(tmp_path, task="rte", steps=1, eval_before=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data_parallel"] == results["data_parallel"] == {"world_size": 1, "backend": None}
+    assert TrainConfig.from_dict(saved).task == "rte"

@@ -327,6 +327,7 @@ class TrainConfig(RunArgs, OptimizerArgs, TaskArgs, ModelArgs):
         """Build from config-file keys (``eval_every`` or ``eval-every``); unknown keys are refused."""
         known = set(cls.field_names())
         clean = {str(k).replace("-", "_"): v for k, v in values.items()}
+        clean.pop("data_parallel", None)  # recorded in config.json by train(), not a setting
         unknown = sorted(set(clean) - known)
         if unknown:
             raise UserError(f"unknown {source} keys {unknown}; valid keys: {', '.join(sorted(known))}")

@@ -326,6 +326,22 @@ class RunPlan:
         return self.dist is None or self.dist.is_main
 
 
+def data_parallel_info(dist, batch_size: int, *, announce: bool = True) -> dict[str, Any]:
+    """World size and backend of this job (printed to stderr); refuses a batch the ranks cannot share.
+
+    Runs before the model loads and before anything is written, so a bad ``--batch-size`` costs nothing.
+    """
+    world, backend = (dist.world_size, dist.backend) if dist is not None else (1, None)
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {world} data-parallel processes; "
+                        f"use a multiple of {world} (each process evaluates batch-size / {world} examples)")
+    if announce:
+        where = f"{world} processes, backend {backend}, {batch_size // world} examples per process" if dist else \
+            "one process; not launched by torchrun / accelerate launch --multi_gpu"
+        print(f"zotune: data parallel: world size {world} ({where})", file=sys.stderr, flush=True)
+    return {"world_size": world, "backend": backend}
+
+
 def plan_run(config: TrainConfig) -> RunPlan:
     """Resolve the defaults (lr, eps by optimizer and mode) and run every check that reads only."""
     import zotune.optim as zo
@@ -342,6 +358,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
+    resolved["data_parallel"] = data_parallel_info(dist, config.batch_size, announce=dist is None or dist.is_main)
     out = _check_output_dir(config)
     if config.resume:
         check_resume_config(out, resolved)
@@ -540,6 +557,7 @@ def finish_run(run: Run) -> dict[str, Any]:
         "seconds_per_step": float(np.median(run.step_times)) if run.step_times else None,
         "wall_clock_s": time.time() - plan.wall_start,
         "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
+        "data_parallel": plan.resolved["data_parallel"],
         "config": plan.resolved,
     }
     if plan.is_main:
