@@ -180,7 +180,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         params: an iterable of tensors or parameter-group dicts (as for any
             ``torch.optim.Optimizer``), or an ``nn.Module``: then its trainable parameters
             are used, split into decay/no-decay groups, and the module is put in eval mode
-            for the forwards of every step.
+            for the forwards of every step. Prefer the module; to pass a list, filter it
+            (``[p for p in model.parameters() if p.requires_grad]``).
         defaults: per-group hyperparameters (``lr``, ``weight_decay``, ...).
         eps: perturbation scale (MeZO's ``zo_eps``; one value for all groups).
         seed: base seed of the direction stream.

@@ -54,5 +54,19 @@ def get(name: str) -> type[ZOOptimizer]:
 
 
 def create(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
-    """Build an optimizer by name, e.g. ``create("mezo", model.parameters(), lr=1e-6)``."""
+    """Build an optimizer by name (a class name or alias, see :func:`available`).
+
+    Pass the model itself: the optimizer then takes its trainable parameters only
+    (``requires_grad=True``: a peft model's adapters, not the frozen base) and runs the
+    closure in eval mode. With a parameter list, filter it yourself.
+
+        >>> import torch
+        >>> from zotune.optim import create
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        >>> _ = model[0].requires_grad_(False)                              # a frozen layer
+        >>> opt = create("mezo", model, lr=1e-6)                          # the safe form
+        >>> opt = create("mezo", [p for p in model.parameters() if p.requires_grad], lr=1e-6)  # the same params
+        >>> sum(p.numel() for g in opt.param_groups for p in g["params"])   # the 4 + 1 of the last layer
+        5
+    """
     return get(name)(params, **kwargs)
