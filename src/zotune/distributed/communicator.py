@@ -68,9 +68,6 @@ class ProcessGroupComm(Communicator):
 
         maybe_check_replicas(optimizer)
 
-    def describe(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "backend": self.backend}
-
     def __repr__(self) -> str:
         return (f"ProcessGroupComm(world_size={self.world_size}, backend={self.backend!r}, "
                 f"check_every={self.check_every})")

@@ -28,7 +28,7 @@ The base class is the single-process implementation. :mod:`zotune.optim` never i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -102,7 +102,3 @@ class Communicator:
 
     def after_step(self, optimizer: ZOOptimizer) -> None:
         """Called after every step, with the step counter already advanced."""
-
-    def describe(self) -> dict[str, Any]:
-        """What to record about the runtime (``world_size``, ``backend``)."""
-        return {"world_size": self.world_size, "backend": None}
