@@ -103,6 +103,7 @@ TARGETS: list[tuple[str, str, float, str]] = [
     ("ZO-SGD Gaussian step / 2F", "step_over_2F", 1.4, "ZOSGD/gaussian"),
     ("ZO-SGD Rademacher step / 2F", "step_over_2F", 1.15, "ZOSGD/rademacher"),
     ("ZO-SGD Gaussian peak / inference peak", "peak_over_inference", 1.02, "ZOSGD/gaussian"),
+    ("ZO-SGD layer_fraction=0.25 Gaussian step / 2F", "step_over_2F", 1.05, "ZOSGD[layer_fraction=0.25]/gaussian"),
     ("HiZOO step / ZO-SGD step", "vs_reference", 1.35, "HiZOO/gaussian"),
     ("HiZOO hessian_every=2 step / ZO-SGD step", "vs_reference", 1.35, "HiZOO[hessian_every=2]/gaussian"),
     ("HiZOO optimizer state (x params, exact)", "state_params", 1.0, "HiZOO/gaussian"),

@@ -10,10 +10,12 @@
 """
 
 from zotune.optim.engine import NonFiniteLoss, ZOOptimizer, trainable_param_groups
+from zotune.optim.fzoo import FZOO
 from zotune.optim.helene import HELENE
 from zotune.optim.hizoo import HiZOO
 from zotune.optim.hizoo_lowrank import HiZOOLowRank
 from zotune.optim.registry import available, create, get, register
+from zotune.optim.sparse_mezo import SparseMeZO
 from zotune.optim.zo_adam import ZOAdam
 from zotune.optim.zo_adamu import ZOAdaMU
 from zotune.optim.zo_conservative import ZOSGDConservative
@@ -21,15 +23,18 @@ from zotune.optim.zo_momentum import ZOSGDMomentum
 from zotune.optim.zo_sgd import ZOSGD
 from zotune.optim.zo_sign import ZOSGDSign
 
-for _cls in (ZOSGD, ZOSGDMomentum, ZOSGDConservative, ZOSGDSign, ZOAdam, ZOAdaMU, HiZOO, HiZOOLowRank, HELENE):
+for _cls in (ZOSGD, ZOSGDMomentum, ZOSGDConservative, ZOSGDSign, ZOAdam, ZOAdaMU, HiZOO, HiZOOLowRank, HELENE,
+             FZOO, SparseMeZO):
     register(_cls)
 
 __all__ = [
+    "FZOO",
     "HELENE",
     "ZOSGD",
     "HiZOO",
     "HiZOOLowRank",
     "NonFiniteLoss",
+    "SparseMeZO",
     "ZOAdaMU",
     "ZOAdam",
     "ZOOptimizer",

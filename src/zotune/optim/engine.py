@@ -24,6 +24,9 @@
   parameter, the mean of the loss scalars over data-parallel ranks, a hook after each step.
   ``zotune.distributed.ProcessGroupComm`` implements it for ``torch.distributed``: every rank
   draws the same directions and only the loss scalars are all-reduced.
+* **layer sampling** -- with ``layer_fraction < 1`` each step perturbs and updates only a
+  subset of the layers chosen from (seed, step) (:mod:`zotune.optim.layers`); the sweeps skip
+  the other layers entirely.
 
 A method is a subclass that implements :meth:`ZOOptimizer._zo_step` (its sequence of
 forwards and displacements) and usually :meth:`ZOOptimizer.direction` (how the raw noise
@@ -43,7 +46,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from zotune.optim.checks import check_choice, check_range
+from zotune.optim.checks import check_positive_int as check_positive_int  # re-exported for the methods
 from zotune.optim.comm import Communicator
+from zotune.optim.layers import layer_subset, layer_units
 from zotune.optim.noise import (
     DEFAULT_BLOCK_SIZE,
     DISTRIBUTIONS,
@@ -80,6 +86,7 @@ class _Slot:
     row_offset: int  # first global row held locally
     data: torch.Tensor  # (local_rows, row_len) view of the parameter storage
     master: torch.Tensor | None  # fp32 (local_rows, row_len) copy, or None (in-place fp32)
+    unit: int = 0  # the layer it belongs to (see zotune.optim.layers)
 
     @property
     def local_rows(self) -> int:
@@ -113,35 +120,6 @@ class Block:
         lr, wd = self.group["lr"], self.group.get("weight_decay", 0.0)
         if wd:
             self.param.mul_(1.0 - lr * wd)
-
-
-# ---------------------------------------------------------------------- argument checks
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = True) -> None:
-    """Refuse ``value`` outside [low, high) (``low_open``/``high_open`` choose the brackets)."""
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above or value != value:  # NaN fails every comparison
-        if high is None:
-            where = f"{'>' if low_open else '>='} {low:g}"
-        elif low is None:
-            where = f"{'<' if high_open else '<='} {high:g}"
-        else:
-            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be {where}, got {value}")
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Refuse anything but a whole number >= 1 (``2.0`` passes, ``True`` and ``1.5`` do not)."""
-    whole = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not whole or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Refuse a value that is not one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def is_no_decay(module: nn.Module, param_name: str) -> bool:
@@ -196,6 +174,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         comm: the runtime (:class:`~zotune.optim.comm.Communicator`); ``None``: one process.
             For data parallelism or FSDP2 pass ``zotune.distributed.ProcessGroupComm(group,
             check_every=K)`` (K: steps between checks that all ranks hold identical weights).
+        layer_fraction: perturb and update only this fraction of the layers per step, chosen
+            from the step seed (LeZO / MeZO-BCD; see :mod:`zotune.optim.layers`). The other
+            layers and their optimizer state are not touched: no noise, no pass. 1.0: all.
     """
 
     # Everything zotune knows about a method lives on its class, so that adding a method means
@@ -237,11 +218,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         exact_restore: bool = False,
         noise_device: str | torch.device | None = None,
         comm: Communicator | None = None,
+        layer_fraction: float = 1.0,
     ):
         check_range("eps", eps, 0.0, low_open=True)
         check_range("lr", defaults.get("lr", 0.0), 0.0)
         check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
         check_choice("distribution", distribution, DISTRIBUTIONS)
+        check_range("layer_fraction", layer_fraction, 0.0, 1.0, low_open=True, high_open=False)
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.comm = comm if comm is not None else Communicator()
@@ -256,6 +239,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.exact_restore = bool(exact_restore)
         self.noise_device = torch.device(noise_device) if noise_device is not None else None
         self.num_threads = num_threads
+        self.layer_fraction = float(layer_fraction)
         #: global scalars: saved by state_dict(), restored by load_state_dict()
         self.zo_state: dict[str, Any] = {
             "seed": int(seed),
@@ -353,6 +337,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "eps": self.eps,
             "distribution": self.distribution,
             "block_size": self.block_size,
+            "layer_fraction": self.layer_fraction,
             "class": type(self).__name__,
         }
         return sd
@@ -378,6 +363,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.eps = float(extra.pop("eps", self.eps))
             self.distribution = extra.pop("distribution", self.distribution)
             self.block_size = int(extra.pop("block_size", self.block_size))
+            self.layer_fraction = float(extra.pop("layer_fraction", self.layer_fraction))
             self.zo_state.update(extra)
         self._slots = None
 
@@ -525,6 +511,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One slot per trainable parameter, in param-group order (the index is part of the noise contract)."""
         slots: list[_Slot] = []
         index = 0
+        names = {id(p): n for n, p in self.module.named_parameters()} if self.module is not None else {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        units = layer_units([names.get(id(p), f"#{i}") for i, p in enumerate(params)])
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 local, row_offset, global_shape = self.comm.local_rows(p)
@@ -552,14 +541,23 @@ class ZOOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"unsupported parameter dtype {p.dtype}; use float32, bfloat16, float16 (or float64)"
                     )
-                slots.append(_Slot(p, index, gi, layout, row_offset, data, master))
+                slots.append(_Slot(p, index, gi, layout, row_offset, data, master, units[index]))
                 index += 1
         return slots
 
+    def active_slots(self) -> list[_Slot]:
+        """The slots this step perturbs and updates: all, or the step's layer subset."""
+        slots = self._slots or []
+        if self.layer_fraction >= 1.0 or not slots:
+            return slots
+        n_units = max(s.unit for s in slots) + 1
+        chosen = layer_subset(self.zo_state["seed"], self.zo_state["step"], n_units, self.layer_fraction)
+        return [s for s in slots if s.unit in chosen]
+
     def _work_items(self) -> list[tuple[_Slot, int, int, int, int, int]]:
-        """(slot, block j, local r0, local r1, noise-row start, noise-row stop) per block."""
+        """(slot, block j, local r0, local r1, noise-row start, noise-row stop) per block of the active slots."""
         items = []
-        for slot in self._slots or []:
+        for slot in self.active_slots():
             lo, hi = slot.row_offset, slot.row_offset + slot.local_rows
             for j in slot.layout.blocks_overlapping(lo, hi):
                 b0, b1 = slot.layout.block_rows(j)

@@ -141,7 +141,7 @@ class HiZOOLowRank(HiZOO):
         scales = [second[0] / (2.0 * self.eps**2)]
         alphas = [self.alpha_at(g) for g in self.param_groups]
         hook = self.estimate_hook
-        slots = [s for s in self._slots or [] if "row" in self.state[s.param]]
+        slots = [s for s in self.active_slots() if "row" in self.state[s.param]]  # layer subset only
         row_sums = {s.index: torch.zeros_like(self.state[s.param]["row"]) for s in slots}
         col_parts: dict[tuple[int, int], torch.Tensor] = {}
 

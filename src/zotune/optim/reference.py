@@ -19,22 +19,32 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from zotune.optim.layers import layer_subset
 from zotune.optim.noise import DEFAULT_BLOCK_SIZE, full_noise, mix_seed
 
 Closure = Callable[[], torch.Tensor | float]
+
+
+def _clone_state(state: dict) -> dict:
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 class ReferenceZO:
     """Common machinery: z by (seed, step, sample), loss at theta + offset."""
 
     def __init__(self, params: Sequence[torch.Tensor], *, eps: float = 1e-3, seed: int = 0,
-                 distribution: str = "gaussian", block_size: int = DEFAULT_BLOCK_SIZE, **hp: float):
+                 distribution: str = "gaussian", block_size: int = DEFAULT_BLOCK_SIZE,
+                 layer_fraction: float = 1.0, units: Sequence[int] | None = None, **hp: float):
         self.params = list(params)
         self.eps, self.seed, self.distribution, self.block_size = eps, seed, distribution, block_size
         self.hp = hp
         self.step_count = 0
         self.updates = 0
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+        # layer sampling: units[k] is the layer of parameter k (default: one layer per tensor)
+        self.layer_fraction = layer_fraction
+        self.units = list(units) if units is not None else list(range(len(self.params)))
+        self.frozen: set[int] = set()  # parameters outside this step's layer subset
 
     def noise(self, sample: int = 0, stream: int = 0) -> list[torch.Tensor]:
         s = mix_seed(self.seed, self.step_count, sample)
@@ -49,8 +59,9 @@ class ReferenceZO:
         saved = [p.detach().clone() for p in self.params]
         try:
             if offsets is not None:
-                for p, o in zip(self.params, offsets):
-                    p.add_(o)
+                for k, (p, o) in enumerate(zip(self.params, offsets)):
+                    if k not in self.frozen:  # layers outside the subset are not perturbed
+                        p.add_(o)
             loss = closure()
             return float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
         finally:
@@ -65,7 +76,15 @@ class ReferenceZO:
 
     @torch.no_grad()
     def step(self, closure: Closure) -> None:
+        """One step; with ``layer_fraction < 1`` the layers outside the step's subset, and their
+        state, are put back exactly as they were (the step never touched them)."""
+        chosen = layer_subset(self.seed, self.step_count, max(self.units) + 1, self.layer_fraction)
+        self.frozen = {k for k, unit in enumerate(self.units) if unit not in chosen}
+        kept = {k: (self.params[k].detach().clone(), _clone_state(self.state[k])) for k in self.frozen}
         self._step(closure)
+        for k, (value, state) in kept.items():
+            self.params[k].copy_(value)
+            self.state[k] = state
         self.step_count += 1
         self.updates += 1
 

@@ -72,9 +72,8 @@ class RefHiZOO(ReferenceZO):
         return self._clamp((1 - alpha) * h + alpha * est.abs())
 
     def _step(self, closure: Closure) -> None:
-        if "h" not in self.state[0]:
-            for st, p in zip(self.state, self.params):
-                st["h"] = torch.ones_like(p)
+        for st, p in zip(self.state, self.params):
+            st.setdefault("h", torch.ones_like(p))
         h = [st["h"] for st in self.state]
         n = int(self.hp.get("n_samples", 1))
         if self.updates % int(self.hp.get("hessian_every", 1)):

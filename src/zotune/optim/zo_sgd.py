@@ -35,6 +35,7 @@ class ZOSGD(ZOOptimizer):
     lr_by_mode = {"full": 1e-6, "lora": 5e-5, "prefix": 1e-2}  # MeZO's OPT settings
     reference = "zotune.optim.reference:RefZOSGD"
     test_kwargs = dict(lr=1e-2)
+    bench_variants = ({"layer_fraction": 0.25},)  # LeZO-style layer sampling, a quarter of the layers
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **engine):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **engine)

@@ -1,0 +1,56 @@
+"""Layer-sampled perturbation: which layers a step perturbs and updates.
+
+LeZO (Wang et al., arXiv 2410.09823) and MeZO-BCD (arXiv 2501.19099) perturb and update only
+a subset of the layers at each step, chosen at random, so the other layers cost no noise
+generation and no pass over their weights. In zotune this is an engine option of every
+optimizer, ``layer_fraction``: a *layer* (unit) is a numbered block of the model
+(``model.layers.3``: every parameter whose name has ``.3.`` as its first numbered component)
+and every other trainable tensor on its own (embeddings, final norm, head); optimizers built
+from tensors rather than a module treat each tensor as a layer. A step picks
+``max(1, round(layer_fraction * units))`` units without replacement, from a generator seeded
+by ``mix_seed(seed, step, LAYER_SUBSET_SAMPLE)``: a pure function of (seed, step), the same on
+every rank and after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from zotune.optim.noise import mix_seed
+
+#: the ``sample`` slot of :func:`~zotune.optim.noise.mix_seed` reserved for the layer subset
+#: (direction seeds use small sample numbers and HiZOO's warm-up probes 2**20 + k)
+LAYER_SUBSET_SAMPLE = (1 << 40) + 1
+
+
+def layer_key(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; a name without a numbered
+    component is its own layer."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def layer_units(names: Sequence[str]) -> list[int]:
+    """The unit index of each parameter name: equal layer keys share a unit, numbered in order."""
+    index: dict[str, int] = {}
+    return [index.setdefault(layer_key(n), len(index)) for n in names]
+
+
+def subset_size(n_units: int, fraction: float) -> int:
+    """How many units a step perturbs: ``max(1, round(fraction * n_units))`` (halves round up)."""
+    return min(n_units, max(1, math.floor(fraction * n_units + 0.5)))
+
+
+def layer_subset(seed: int, step: int, n_units: int, fraction: float) -> frozenset[int]:
+    """The units step ``step`` perturbs and updates (all of them when ``fraction >= 1``)."""
+    k = subset_size(n_units, fraction)
+    if k >= n_units:
+        return frozenset(range(n_units))
+    gen = torch.Generator().manual_seed(mix_seed(seed, step, LAYER_SUBSET_SAMPLE))
+    return frozenset(torch.randperm(n_units, generator=gen)[:k].tolist())
