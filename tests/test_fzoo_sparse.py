@@ -112,3 +112,47 @@ def test_sparse_mezo_masks_are_dropped_after_each_step_and_sparsity_is_checked()
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="sparsity"):
             zo.SparseMeZO([x], sparsity=bad)
+
+
+# ---------------------------------------------------------------------- DiZO
+def test_dizo_projection_finds_the_best_scale_of_each_matrix():
+    """Two 3x4 matrices moved by d_i from theta0 (|d_i| = 0.5); L = sum_i 1/2 |theta_i - theta0_i
+    - s*_i d_i|^2 with s* = (0.85, 1.1), inside the clip range (0.8, 1.2). The central difference
+    is exact on a quadratic, so 40 iterations of the scale search (seed 0) reach s* up to the
+    cross-talk of the shared loss; tolerance 0.05. A vector parameter is not projected."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64, generator=gen)) for _ in range(2)]
+    vec = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=gen))
+    theta0 = [m.detach().clone() for m in mats]
+    moves = [torch.randn(3, 4, dtype=torch.float64, generator=gen) for _ in range(2)]
+    moves = [0.5 * d / d.norm() for d in moves]
+    target = (0.85, 1.1)
+
+    def loss():
+        return sum(0.5 * ((m - t0 - s * d) ** 2).sum() for m, t0, s, d in zip(mats, theta0, target, moves)) \
+            + (vec**2).sum()
+
+    opt = zo.DiZO([*mats, vec], lr=0.0, interval=1, projection_iters=40, seed=0)
+    opt.step(loss)  # step 0: a ZO-SGD step (lr 0); the anchors are the weights at this step
+    assert not opt.is_projection_step(0) and opt.is_projection_step(1)
+    with torch.no_grad():
+        for m, t0, d in zip(mats, theta0, moves):
+            m.copy_(t0 + d)
+    vec_before = vec.detach().clone()
+    forwards = opt.zo_state["forwards"]
+    opt.step(loss)
+    assert opt.zo_state["forwards"] - forwards == 80
+    for m, t0, d, s in zip(mats, theta0, moves, target):
+        scale = float(((m.detach() - t0) * d).sum() / (d * d).sum())
+        assert abs(scale - s) < 0.05, (scale, s)
+        torch.testing.assert_close(m.detach() - t0, scale * d)  # only the length changed
+    assert torch.equal(vec.detach(), vec_before)
+    assert opt.forwards_per_step == (2 * 1 + 2 * 40) / 2
+
+
+def test_dizo_forwards_per_step_and_arguments():
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    assert zo.DiZO([w]).forwards_per_step == pytest.approx((2 * 50 + 2 * 10) / 51)
+    for bad in (dict(interval=0), dict(projection_iters=0), dict(clip_range=0.5), dict(projection_eps=0.0)):
+        with pytest.raises(ValueError):
+            zo.DiZO([w], **bad)

@@ -9,6 +9,7 @@
     True
 """
 
+from zotune.optim.dizo import DiZO
 from zotune.optim.engine import NonFiniteLoss, ZOOptimizer, trainable_param_groups
 from zotune.optim.fzoo import FZOO
 from zotune.optim.helene import HELENE
@@ -24,13 +25,14 @@ from zotune.optim.zo_sgd import ZOSGD
 from zotune.optim.zo_sign import ZOSGDSign
 
 for _cls in (ZOSGD, ZOSGDMomentum, ZOSGDConservative, ZOSGDSign, ZOAdam, ZOAdaMU, HiZOO, HiZOOLowRank, HELENE,
-             FZOO, SparseMeZO):
+             FZOO, SparseMeZO, DiZO):
     register(_cls)
 
 __all__ = [
     "FZOO",
     "HELENE",
     "ZOSGD",
+    "DiZO",
     "HiZOO",
     "HiZOOLowRank",
     "NonFiniteLoss",
