@@ -20,10 +20,10 @@ def test_layer_keys_group_numbered_blocks_and_keep_other_tensors_alone():
     assert layer_key("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
     assert layer_key("base_model.model.model.layers.10.self_attn.q_proj.lora_A.default.weight") == \
         "base_model.model.model.layers.10"
-    assert layer_key("model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert layer_key("model.embed_tokens.weight") == "model.embed_tokens"
     assert layer_key("0.weight") == "0" and layer_key("weight") == "weight"
-    names = ["emb.weight", "layers.0.a.weight", "layers.0.b.bias", "layers.1.a.weight", "norm.weight"]
-    assert layer_units(names) == [0, 1, 1, 2, 3]
+    names = ["emb.weight", "layers.0.a.weight", "layers.0.b.bias", "layers.1.a.weight", "norm.weight", "norm.bias"]
+    assert layer_units(names) == [0, 1, 1, 2, 3, 3]
 
 
 def test_subset_is_a_pure_function_of_seed_and_step_with_the_stated_size():

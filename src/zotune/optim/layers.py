@@ -5,8 +5,8 @@ a subset of the layers at each step, chosen at random, so the other layers cost 
 generation and no pass over their weights. In zotune this is an engine option of every
 optimizer, ``layer_fraction``: a *layer* (unit) is a numbered block of the model
 (``model.layers.3``: every parameter whose name has ``.3.`` as its first numbered component)
-and every other trainable tensor on its own (embeddings, final norm, head); optimizers built
-from tensors rather than a module treat each tensor as a layer. A step picks
+and every other module with trainable tensors is one too (embeddings, final norm, head);
+optimizers built from tensors rather than a module treat each tensor as a layer. A step picks
 ``max(1, round(layer_fraction * units))`` units without replacement, from a generator seeded
 by ``mix_seed(seed, step, LAYER_SUBSET_SAMPLE)``: a pure function of (seed, step), the same on
 every rank and after a resume.
@@ -27,13 +27,13 @@ LAYER_SUBSET_SAMPLE = (1 << 40) + 1
 
 
 def layer_key(name: str) -> str:
-    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; a name without a numbered
-    component is its own layer."""
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; a parameter outside the
+    numbered blocks belongs to its module's layer (``model.norm.weight`` -> ``model.norm``)."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part.isdigit():
             return ".".join(parts[: i + 1])
-    return name
+    return ".".join(parts[:-1]) or name
 
 
 def layer_units(names: Sequence[str]) -> list[int]:
