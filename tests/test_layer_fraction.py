@@ -99,3 +99,22 @@ def test_layer_fraction_is_checked_and_survives_a_checkpoint():
     other = zo.ZOSGD(w)
     other.load_state_dict(opt.state_dict())
     assert other.layer_fraction == 0.5
+
+
+def test_zotune_train_takes_layer_fraction_as_an_optimizer_option(tmp_path):
+    import json
+
+    from zotune.testing import tiny_tokenizer
+    from zotune.train import TrainConfig, train
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok), num_layers=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(task="rte", optimizer="fzoo", steps=1, batch_size=4, max_dev=4, max_test=4, lr=1e-3,
+                         optimizer_args={"layer_fraction": 0.2, "n_queries": 2}, output_dir=str(tmp_path / "run"),
+                         progress=False)
+    train(config, model=model, tokenizer=tok)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optimizer_args"]["layer_fraction"] == 0.2
+    changed = {layer_key(n) for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert len(changed) == 1  # one of 6 layers (round(0.2 * 6) = 1) moved in the one step
