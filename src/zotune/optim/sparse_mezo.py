@@ -54,6 +54,9 @@ class SparseMeZO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **engine)
 
     def init_state(self, param: torch.Tensor, state: dict) -> None:
+        local, _, shape = self.comm.local_rows(param)
+        if tuple(local.shape[:1]) != tuple(shape[:1]):
+            raise ValueError("SparseMeZO does not support row-sharded parameters (a threshold needs the whole tensor)")
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         source = state.get("master", param)  # a low-precision parameter's fp32 master
         state["threshold"] = magnitude_threshold(source.to(dtype), self.sparsity)
