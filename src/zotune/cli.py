@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except UserError as e:
-        print(f"zotune {args._command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # always one line
+        print(f"zotune {args._command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"zotune {args._command}: interrupted", file=sys.stderr)

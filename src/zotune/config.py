@@ -424,7 +424,7 @@ def saved_run_config(output_dir: str, config_cls: type = TrainConfig) -> dict[st
     if not isinstance(saved, dict):
         raise UserError(f"{path} is corrupt (not a JSON object); restore it from a copy, or start a new run "
                         "in another --output-dir")
-    keep = set(config_cls.field_names()) - {"resume", "overwrite"}
+    keep = set(config_cls.field_names()) - {"resume", "overwrite"}  # never inherited by a new command
     return {k: v for k, v in saved.items() if k in keep}
 
 

@@ -16,10 +16,22 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, f
         raise UserError(f"{run_dir} has no metrics.jsonl; is it a zotune run directory?")
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, float]] = {}
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a metrics log (not UTF-8 text); is it a zotune run directory?") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the torn last line a killed run leaves behind
+                break
+            raise UserError(f"{path}, line {number}: not a JSON record; the file is corrupt (remove that line "
+                            "to plot the rest)") from None
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise UserError(f"{path}, line {number}: not a zotune metrics record; is it a zotune run directory?")
         if rec.get("kind") == "eval":
             evals[int(rec["step"])] = {k[4:]: v for k, v in rec.items() if k.startswith("dev_")}
         elif "loss" in rec:

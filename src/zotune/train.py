@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,10 +225,9 @@ TRAJECTORY_FIELDS = ("model", "task", "optimizer", "lr", "eps", "batch_size", "w
 
 def check_resume_config(out: Path, resolved: dict[str, Any]) -> None:
     """Refuse to resume a run with settings that would change its trajectory."""
-    path = out / "config.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
+    from zotune.config import saved_run_config
+
+    saved = saved_run_config(str(out))  # {} without config.json; a corrupt one is a UserError
 
     def same(v: Any) -> Any:  # compare as JSON sees it (tuples -> lists, int keys -> str)
         return json.loads(json.dumps(v))
@@ -252,7 +252,34 @@ def _check_output_dir(config: TrainConfig) -> Path:
         )
     if config.resume and not (out / "checkpoint").exists():
         raise UserError(f"--resume: no checkpoint in {out}/checkpoint (run without --resume to start)")
+    _check_writable(out)
+    if out.exists() and config.overwrite and not config.resume:
+        _check_writable(out.parent)  # --overwrite removes and recreates the directory
     return out
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a directory that cannot be created, or written in: create and remove a probe folder
+    in its nearest existing ancestor (permission bits alone do not tell: root, read-only mounts)."""
+    anchor = path
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"--output-dir {path}: {anchor} is a file, not a directory; choose another --output-dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".zotune-probe-", dir=anchor))
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot write in {anchor} ({e.strerror}); choose a writable "
+                        "--output-dir") from None
+
+
+def _check_tensorboard() -> None:
+    """--tensorboard needs the tensorboard package (checked before anything is written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                        "--tensorboard)") from None
 
 
 def _make_output_dir(out: Path, config: TrainConfig) -> None:
@@ -269,14 +296,41 @@ def build_model(config: TrainConfig, device: torch.device | None = None):
     """Load the model and tokenizer and apply the tuning mode."""
     from zotune.models import apply_peft, load_model
 
-    model, tokenizer = load_model(config.model, dtype=config.dtype,
-                                  device=str(device) if device is not None else config.device)
+    _check_model_config(config.model)
+    try:
+        model, tokenizer = load_model(config.model, dtype=config.dtype,
+                                      device=str(device) if device is not None else config.device)
+    except _corrupt_weight_errors() as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"the weights of model {config.model!r} cannot be read ({type(e).__name__}: {reason}); "
+                        "the files are truncated or corrupt: copy or save the model again") from None
     mode = None if config.peft == "full" else config.peft
     model = apply_peft(model, mode, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
                        target_modules=config.lora_targets, num_virtual_tokens=config.prefix_tokens,
                        seed=config.seed)
     model.eval()
     return model, tokenizer
+
+
+def _corrupt_weight_errors() -> tuple[type[BaseException], ...]:
+    """What reading truncated or corrupt weight files raises (safetensors, torch.load)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+def _check_model_config(name: str) -> None:
+    """A local model directory's config.json must be JSON (transformers reports "not found")."""
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        return
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"the model's {path} is corrupt ({type(e).__name__}); restore the model directory "
+                        "(save_pretrained again, or copy it anew)") from None
 
 
 def build_task(config: TrainConfig):
@@ -354,6 +408,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
     optimizer_kwargs = dict(lr=lr, eps=eps, weight_decay=config.weight_decay, seed=config.seed,
                             distribution=config.distribution, **config.optimizer_args)
     check_optimizer_args(optimizer_cls, optimizer_kwargs)  # before anything is loaded or written
+    if config.tensorboard:
+        _check_tensorboard()
     resolved = {**dataclasses.asdict(config), "lr": lr, "eps": eps, "optimizer": optimizer_cls.__name__}
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -412,8 +468,8 @@ class Run:
 
 
 def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
-    """Load task and model, then (only then) create the output directory; build the optimizer and
-    scheduler, and restore the checkpoint with --resume or write config.json for a new run."""
+    """Load task and model, build objective, optimizer and scheduler, then (only then) create or
+    replace the output directory; restore the checkpoint with --resume or write config.json."""
     from zotune.tasks import make_objective
 
     config, dist, out = plan.config, plan.dist, plan.out
@@ -422,17 +478,18 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     model_given = model is not None and tokenizer is not None
     if not model_given:
         model, tokenizer = build_model(config, dist.device if dist is not None else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
+    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs,
+                                   comm=dist.comm(check_every=100) if dist is not None else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    # everything that can fail has run: only now may the output directory be replaced
     if dist is not None:
         dist.barrier()  # every rank checked the directory before the main rank replaces it
     if plan.is_main:
         _make_output_dir(out, config)
     if dist is not None:
         dist.barrier()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
-    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs,
-                                   comm=dist.comm(check_every=100) if dist is not None else None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
 
     loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None}
     if config.resume:

@@ -18,6 +18,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``zotune eval``."""
     parser.add_argument("--model", help="model name or path (default: smollm2-135m, or the run's model)")
     parser.add_argument("--checkpoint", help="a zotune run directory (or its best/ or checkpoint/ folder)")
     parser.add_argument("--task", help="task name (default: the run's task)")
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_dir(checkpoint: Path) -> tuple[Path, Path]:
     """(run directory with config.json, folder with trainable.safetensors)."""
+    if not checkpoint.exists():
+        raise UserError(f"--checkpoint {checkpoint} does not exist; pass a zotune run directory")
     if (checkpoint / "config.json").exists():
         weights = checkpoint / "best" if (checkpoint / "best").exists() else checkpoint / "checkpoint"
         return checkpoint, weights
@@ -42,6 +45,8 @@ def _run_dir(checkpoint: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the metrics (and write them to --json)."""
+    from zotune.config import saved_run_config
     from zotune.tasks import evaluate
     from zotune.train import TrainConfig, build_model, build_task, load_trainable
 
@@ -49,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     weights = None
     if args.checkpoint:
         run_dir, weights = _run_dir(Path(args.checkpoint))
-        saved = json.loads((run_dir / "config.json").read_text())
-        values.update({k: v for k, v in saved.items() if k in TrainConfig.field_names()})
+        values.update(saved_run_config(str(run_dir)))
     for key in ("model", "task", "template", "k", "data_seed", "max_test", "dtype"):
         given = getattr(args, key)
         if given is not None:

@@ -17,7 +17,7 @@ Fine-tune a causal LM on a prompt-based task with a zeroth-order optimizer (forw
 examples:
   zotune train --task sst2 --optimizer hizoo --peft lora --steps 500 --output-dir runs/sst2-hizoo
   zotune train --config run.yaml --lr 1e-5          # YAML config, CLI flags override it
-  zotune train --task squad --peft prefix --objective f1 --opt alpha=1e-8
+  zotune train --task squad --peft prefix --objective f1 --optimizer hizoo --opt alpha=1e-8
   zotune train --task custom --task-arg path=my.jsonl --template 'Review: {text} Sentiment:' \\
                --task-arg 'label_words={0: " negative", 1: " positive"}'
   torchrun --nproc_per_node 2 -m zotune train ...  # data parallel: only loss scalars are exchanged

@@ -30,7 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +43,40 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of one data file (each a JSON object / CSV record); any defect is a UserError."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in FILE_SUFFIXES:
+        raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
     try:
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):  # {"data": [...]} or {"<id>": {...}}
-                data = data.get("data", list(data.values()))
-            if not isinstance(data, list):
-                raise UserError(f"{path}: expected a json list of objects")
-            return data
-        if suffix in (".csv", ".tsv"):
-            return list(csv.DictReader(text.splitlines(), delimiter="," if suffix == ".csv" else "\t"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or check it is the data file") from None
+    if "\x00" in text:
+        raise UserError(f"{path} holds binary data (NUL bytes), not {suffix} text; check it is the data file")
+    if suffix in (".csv", ".tsv"):
+        return list(csv.DictReader(text.splitlines(), delimiter="," if suffix == ".csv" else "\t"))
+    if suffix == ".jsonl":
+        rows = [_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        rows = _json(text, path, None)
+        if isinstance(rows, dict):  # {"data": [...]} or {"<id>": {...}}
+            rows = rows.get("data", list(rows.values()))
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a json list of objects")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise UserError(f"{path}: row {bad + 1} is {type(rows[bad]).__name__}, not a JSON object of fields")
+    return rows
+
+
+def _json(text: str, path: Path, line: int | None) -> Any:
+    """Parse JSON text, naming the file (and line) in the error."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid json ({err})") from err
-    raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        where = f"line {line}" if line is not None else f"line {err.lineno}"
+        raise UserError(f"{path}, {where}: not valid json ({err.msg}); fix or remove that line") from None
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -122,7 +139,133 @@ def _label_key(value: Any) -> str:
 
 
 def _format_fields(template: str) -> list[str]:
-    return [field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(template) if field]
+    """The data fields a format string uses: ``"{text} {meta.x}"`` -> ``["text", "meta"]``."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise UserError(f"template {template!r} is not a valid format string ({err}); write fields as {{name}} "
+                        "and a literal brace as {{ or }}") from None
+    return [field.split(".")[0].split("[")[0] for _, field, _, _ in parsed if field]
+
+
+def _kind_of(path: Any, template: str | None, label_words: Any, choices_field: str | None,
+             answer_field: str | None) -> TaskKind:
+    """Check the options of :func:`custom_task` and return the task kind they select."""
+    if path is None:
+        raise UserError("task 'custom' needs path= (or --data-dir): a .jsonl/.json/.csv/.tsv file, a folder with "
+                        "train/dev/test files, or a local datasets folder")
+    if template is None:
+        raise UserError("task 'custom' needs template=, a format string over your fields, e.g. "
+                        "'Review: {text}\\nSentiment:'")
+    if not _format_fields(template):
+        raise UserError(f"template {template!r} has no {{field}}: every prompt would be the same text; name the "
+                        "data fields in braces, e.g. 'Review: {text}\\nSentiment:'")
+    kinds = [kind for kind, given in (("classification", label_words is not None),
+                                      ("multiple_choice", choices_field is not None),
+                                      ("generation", answer_field is not None)) if given]
+    if len(kinds) != 1:
+        raise UserError("task 'custom' needs exactly one of label_words= (classification), choices_field= (multiple "
+                        "choice) or answer_field= (generation)")
+    return kinds[0]  # type: ignore[return-value]
+
+
+def _three_splits(raw: dict[str, list[Row]], data_seed: int) -> tuple[list[Row], list[Row], list[Row]]:
+    """(train, dev, test): the splits given, the missing ones carved out of train (test with seed
+    0, dev with ``data_seed``); a single file is cut 80/10/10."""
+    if "all" in raw:
+        rest, test = _carve(raw["all"], 0.1, seed=0)
+        train, dev = _carve(rest, 0.1 / 0.9, seed=data_seed)
+        return train, dev, test
+    train = raw["train"]
+    if "test" not in raw:
+        train, test = _carve(train, 0.1, seed=0)
+    else:
+        test = raw["test"]
+    if "dev" not in raw:
+        train, dev = _carve(train, 0.1, seed=data_seed)
+    else:
+        dev = raw["dev"]
+    return train, dev, test
+
+
+def _verbalizer(label_words: Mapping[Any, str] | Sequence[str] | None) -> tuple[list[str], dict[str, int]]:
+    """(label words, label key -> class index) of a classification task."""
+    if isinstance(label_words, Mapping):
+        words = list(label_words.values())
+        label_index = {_label_key(key): i for i, key in enumerate(label_words)}
+    elif isinstance(label_words, str) or label_words is None:
+        raise UserError(f"label_words {label_words!r} is not a mapping {{label: word}} or a list of words; e.g. "
+                        "label_words={0: ' bad', 1: ' good'}")
+    else:
+        words = list(label_words)
+        label_index = {str(i): i for i in range(len(words))}
+    if len(words) < 2:
+        raise UserError("label_words needs at least two label words")
+    return words, label_index
+
+
+def _normalise(row: dict[str, Any], position: int, *, kind: TaskKind, fields: list[str],
+               label_index: dict[str, int], label_field: str, choices_field: str | None,
+               answer_field: str | None) -> Row:
+    """A data row as a task row: an ``id``, and ``label`` / ``choices`` / ``answers`` by kind."""
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise UserError(f"template field(s) {', '.join(missing)} not in the data; available fields: "
+                        f"{', '.join(map(str, row))}")
+    out: Row = dict(row)
+    out.setdefault("id", str(position))
+    if kind == "classification":
+        out["label"] = _class_label(row.get(label_field), label_field, label_index)
+    elif kind == "multiple_choice":
+        out["choices"], out["label"] = _choices_and_label(row, str(choices_field), label_field)
+    else:
+        answers = row.get(str(answer_field))
+        answers = [answers] if isinstance(answers, str) else list(answers or [])
+        if not answers:
+            raise UserError(f"field {answer_field!r} is empty in row {position}")
+        out["answers"] = [str(a) for a in answers]
+    return out
+
+
+def _class_label(value: Any, label_field: str, label_index: dict[str, int]) -> int:
+    """The class index of a label value (compared as lower-cased strings; booleans also as 0/1)."""
+    key = _label_key(value)
+    if key not in label_index and isinstance(value, bool):
+        key = str(int(value))
+    if key not in label_index:
+        raise UserError(f"label {value!r} (field {label_field!r}) is not among the label_words keys "
+                        f"{list(label_index)}")
+    return label_index[key]
+
+
+def _choices_and_label(row: dict[str, Any], choices_field: str, label_field: str) -> tuple[list[str], int]:
+    """The choices of a multiple-choice row and the index of the right one (given as index or text)."""
+    choices = row.get(choices_field)
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise UserError(f"field {choices_field!r} must hold a list of at least two choices, got {choices!r}")
+    texts = [str(c) for c in choices]
+    answer = row.get(label_field)
+    if isinstance(answer, str) and answer in texts:
+        return texts, texts.index(answer)
+    try:
+        index = int(answer)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"field {label_field!r} must be the index or the text of the right choice, "
+                        f"got {answer!r}") from None
+    if not 0 <= index < len(texts):
+        raise UserError(f"choice index {index} out of range for {len(texts)} choices")
+    return texts, index
+
+
+def _custom_template(template: str, kind: TaskKind, words: list[str], choice_prefix: str,
+                     masked_template: str | None, target: str) -> Template:
+    """The prompt template of a custom task: format strings over the row's fields."""
+    masked = masked_template.replace("{mask}", "{{mask}}") if masked_template else None
+    return Template(
+        name="custom", description=template, prompt=lambda r: template.format_map(r), label_words=tuple(words),
+        choices=(lambda r: [choice_prefix + c for c in r["choices"]]) if kind == "multiple_choice" else None,
+        masked_prompt=(lambda r: masked.format_map(r).replace("{mask}", MASK)) if masked else None,
+        target=target)
 
 
 def custom_task(
@@ -165,98 +308,17 @@ def custom_task(
         name: the task's name in logs.
         data_seed, max_train, max_dev, max_test: as in :func:`zotune.tasks.get_task`.
     """
-    if path is None:
-        raise UserError("task 'custom' needs path= (or --data-dir): a .jsonl/.json/.csv/.tsv file, a folder with "
-                        "train/dev/test files, or a local datasets folder")
-    if template is None:
-        raise UserError("task 'custom' needs template=, a format string over your fields, e.g. "
-                        "'Review: {text}\\nSentiment:'")
-    kinds = [kind for kind, given in (("classification", label_words is not None),
-                                      ("multiple_choice", choices_field is not None),
-                                      ("generation", answer_field is not None)) if given]
-    if len(kinds) != 1:
-        raise UserError("task 'custom' needs exactly one of label_words= (classification), choices_field= (multiple "
-                        "choice) or answer_field= (generation)")
-    kind: TaskKind = kinds[0]  # type: ignore[assignment]
-    raw = _load_raw(Path(path).expanduser())
-
-    if "all" in raw:
-        rest, test = _carve(raw["all"], 0.1, seed=0)
-        train, dev = _carve(rest, 0.1 / 0.9, seed=data_seed)
-    else:
-        train = raw["train"]
-        if "test" not in raw:
-            train, test = _carve(train, 0.1, seed=0)
-        else:
-            test = raw["test"]
-        if "dev" not in raw:
-            train, dev = _carve(train, 0.1, seed=data_seed)
-        else:
-            dev = raw["dev"]
-
+    kind = _kind_of(path, template, label_words, choices_field, answer_field)
+    assert path is not None and template is not None
+    train, dev, test = _three_splits(_load_raw(Path(path).expanduser()), data_seed)
+    words, label_index = _verbalizer(label_words) if kind == "classification" else ([], {})
     fields = _format_fields(template)
-    words: list[str] = []
-    label_index: dict[str, int] = {}
-    if kind == "classification":
-        assert label_words is not None
-        if isinstance(label_words, Mapping):
-            words = list(label_words.values())
-            label_index = {_label_key(key): i for i, key in enumerate(label_words)}
-        else:
-            words = list(label_words)
-            label_index = {str(i): i for i in range(len(words))}
-        if len(words) < 2:
-            raise UserError("label_words needs at least two label words")
+    columns = {"label_field": label_field, "choices_field": choices_field, "answer_field": answer_field}
 
     def normalise(row: dict[str, Any], position: int) -> Row:
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise UserError(f"template field(s) {', '.join(missing)} not in the data; available fields: "
-                            f"{', '.join(map(str, row))}")
-        out: Row = dict(row)
-        out.setdefault("id", str(position))
-        if kind == "classification":
-            value = row.get(label_field)
-            key = _label_key(value)
-            if key not in label_index and isinstance(value, bool):
-                key = str(int(value))
-            if key not in label_index:
-                raise UserError(f"label {value!r} (field {label_field!r}) is not among the label_words keys "
-                                f"{list(label_index)}")
-            out["label"] = label_index[key]
-        elif kind == "multiple_choice":
-            choices = row.get(choices_field)  # type: ignore[arg-type]
-            if not isinstance(choices, list) or len(choices) < 2:
-                raise UserError(f"field {choices_field!r} must hold a list of at least two choices, got {choices!r}")
-            out["choices"] = [str(c) for c in choices]
-            answer = row.get(label_field)
-            if isinstance(answer, str) and answer in out["choices"]:
-                out["label"] = out["choices"].index(answer)
-            else:
-                try:
-                    out["label"] = int(answer)  # type: ignore[arg-type]
-                except (TypeError, ValueError):
-                    raise UserError(f"field {label_field!r} must be the index or the text of the right choice, "
-                                    f"got {answer!r}") from None
-                if not 0 <= out["label"] < len(choices):
-                    raise UserError(f"choice index {out['label']} out of range for {len(choices)} choices")
-        else:
-            answers = row.get(answer_field)  # type: ignore[arg-type]
-            answers = [answers] if isinstance(answers, str) else list(answers or [])
-            if not answers:
-                raise UserError(f"field {answer_field!r} is empty in row {position}")
-            out["answers"] = [str(a) for a in answers]
-        return out
+        return _normalise(row, position, kind=kind, fields=fields, label_index=label_index, **columns)
 
-    def make_prompt(template_text: str) -> Callable[[Row], str]:
-        return lambda r: template_text.format_map(r)
-
-    masked = masked_template.replace("{mask}", "{{mask}}") if masked_template else None
-    chosen = Template(
-        name="custom", description=template, prompt=make_prompt(template), label_words=tuple(words),
-        choices=(lambda r: [choice_prefix + c for c in r["choices"]]) if kind == "multiple_choice" else None,
-        masked_prompt=(lambda r: masked.format_map(r).replace("{mask}", MASK)) if masked else None,
-        target=target)
+    chosen = _custom_template(template, kind, words, choice_prefix, masked_template, target)
     splits = [[normalise(r, i) for i, r in enumerate(rows)] for rows in (train, dev, test)]
     train_rows = seeded_subset(splits[0], max_train, data_seed)
     dev_rows = seeded_subset(splits[1], max_dev, data_seed)
