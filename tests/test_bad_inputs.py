@@ -192,6 +192,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval-model-missing", ["eval", "--model", "{tmp}/no-model", "--task", "rte"], "does not exist"),
     ("eval-split", ["eval", "--model", "{model}", "--split", "train"], "invalid choice: 'train'"),
     ("eval-k-word", ["eval", "--model", "{model}", "--k", "many"], "invalid int value"),
+    ("eval-json-is-dir", ["eval", "--model", "{model}", "--task", "rte", "--json", "{run}"], "is a directory"),
+    ("eval-json-no-dir", ["eval", "--model", "{model}", "--task", "rte", "--json", "{new}/m.json"], "does not exist"),
+    ("eval-batch-size-zero", ["eval", "--model", "{model}", "--task", "rte", "--batch-size", "0"], "batch_size"),
     # ---- plot
     ("plot-no-metrics", ["plot", "{files}/not_a_run", "--output", "{tmp}/c.png"], "has no metrics.jsonl"),
     ("plot-garbage-metrics", ["plot", "{files}/empty_metrics", "--output", "{tmp}/c.png"], "metrics.jsonl"),

@@ -44,12 +44,23 @@ def _run_dir(checkpoint: Path) -> tuple[Path, Path]:
     raise UserError(f"{checkpoint} is not a zotune run directory (no config.json)")
 
 
+def _check_output_file(path: Path) -> None:
+    """--json must name a file in an existing directory (checked before the evaluation runs)."""
+    if path.is_dir():
+        raise UserError(f"--json {path} is a directory; give a file name, e.g. {path / 'metrics.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--json {path}: the directory {path.parent} does not exist; create it or choose another "
+                        "file")
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics (and write them to --json)."""
     from zotune.config import saved_run_config
     from zotune.tasks import evaluate
     from zotune.train import TrainConfig, build_model, build_task, load_trainable
 
+    if args.json:
+        _check_output_file(Path(args.json))
     values: dict = {}
     weights = None
     if args.checkpoint:
