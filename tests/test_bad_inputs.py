@@ -273,3 +273,12 @@ def test_device_cuda_without_cuda_is_refused(world, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no CUDA GPU" in err and len(err.splitlines()) == 1
     assert (run / SENTINEL).read_text() == "keep"
+
+
+def test_plot_skips_the_torn_last_line_a_kill_leaves(world, tmp_path):
+    done = tmp_path / "done"
+    shutil.copytree(world["done"], done)
+    with open(done / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')
+    assert main(["plot", str(done), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
