@@ -414,7 +414,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
-    resolved["data_parallel"] = data_parallel_info(dist, config.batch_size, announce=dist is None or dist.is_main)
+    # checked here, announced by start_run: a mistake found later must print one line only
+    resolved["data_parallel"] = data_parallel_info(dist, config.batch_size, announce=False)
     out = _check_output_dir(config)
     if config.resume:
         check_resume_config(out, resolved)
@@ -499,6 +500,8 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
 
     log = MetricsLog(out / "metrics.jsonl", plan.is_main, out / "tensorboard" if config.tensorboard else None)
     run = Run(plan, task, model, tokenizer, objective, optimizer, scheduler, log, loop, trainable)
+    if plan.is_main:
+        data_parallel_info(dist, config.batch_size)  # every check has passed: say how the job runs
     model_name = type(model).__name__ if model_given else config.model
     run.say(f"zotune: {plan.optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
             f"{len(task.test)} test), model {model_name}, {config.peft} tuning: {trainable:,} trainable "
