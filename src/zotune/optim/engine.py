@@ -23,10 +23,13 @@
   :class:`~zotune.optim.comm.Communicator` (``comm=``): the local rows of a sharded
   parameter, the mean of the loss scalars over data-parallel ranks, a hook after each step.
   ``zotune.distributed.ProcessGroupComm`` implements it for ``torch.distributed``: every rank
-  draws the same directions and only the loss scalars are all-reduced.
+  draws the same directions and only the loss scalars are all-reduced;
 * **layer sampling** -- with ``layer_fraction < 1`` each step perturbs and updates only a
   subset of the layers chosen from (seed, step) (:mod:`zotune.optim.layers`); the sweeps skip
-  the other layers entirely.
+  the other layers entirely;
+* **frozen weights** -- parameters with ``requires_grad=False`` are skipped everywhere
+  (perturbation, update, state), as torch.optim skips parameters without a gradient; noise
+  indices count trainable parameters only (see :meth:`ZOOptimizer._build_slots`).
 
 A method is a subclass that implements :meth:`ZOOptimizer._zo_step` (its sequence of
 forwards and displacements) and usually :meth:`ZOOptimizer.direction` (how the raw noise
@@ -251,6 +254,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "last_projected_grads": [],
         }
         self._slots: list[_Slot] | None = None
+        self._signature: tuple[bool, ...] = ()
         self._pending: dict[int, list[float]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -495,8 +499,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the block sweep
     def _prepare(self) -> None:
-        if self._slots is None:
-            self._slots = self._build_slots()
+        if self._slots is None or self._signature != self._trainable_signature():
+            self._slots = self._build_slots()  # (re)built when parameters are frozen or unfrozen
         for slot in self._slots:
             state = self.state[slot.param]
             if not state.get("_initialised", False):
@@ -507,15 +511,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if slot.param.dtype not in LOW_PRECISION and slot.master is not None:
                     slot.master.copy_(slot.data)  # refresh the shadow in case weights were edited
 
+    def _trainable_signature(self) -> tuple[bool, ...]:
+        return tuple(bool(p.requires_grad) for g in self.param_groups for p in g["params"])
+
     def _build_slots(self) -> list[_Slot]:
-        """One slot per trainable parameter, in param-group order (the index is part of the noise contract)."""
+        """One slot per trainable parameter, in param-group order (the index is part of the noise contract).
+
+        Parameters with ``requires_grad=False`` are skipped, as torch.optim skips parameters
+        without a gradient: they are never perturbed or updated and get no state. The noise
+        index counts trainable parameters only, so the directions of a trainable parameter do
+        not depend on whether frozen ones were passed (``model.parameters()`` and the list of
+        trainable parameters give the same run).
+        """
         slots: list[_Slot] = []
         index = 0
+        self._signature = self._trainable_signature()
         names = {id(p): n for n, p in self.module.named_parameters()} if self.module is not None else {}
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         units = layer_units([names.get(id(p), f"#{i}") for i, p in enumerate(params)])
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
+                if not p.requires_grad:
+                    continue
                 local, row_offset, global_shape = self.comm.local_rows(p)
                 if not local.is_contiguous():
                     raise ValueError(
