@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from zotune.checkpoint import read_jsonl
 from zotune.errors import UserError
 
 
@@ -16,10 +17,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, f
         raise UserError(f"{run_dir} has no metrics.jsonl; is it a zotune run directory?")
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, float]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_jsonl(path):  # a torn last line (a killed run) is skipped
         if rec.get("kind") == "eval":
             evals[int(rec["step"])] = {k[4:]: v for k, v in rec.items() if k.startswith("dev_")}
         elif "loss" in rec:

@@ -79,6 +79,22 @@ class NonFiniteLoss(Exception):
 
 
 @dataclass
+class StepRecord:
+    """What one step needs to be replayed without forwards (see :meth:`ZOOptimizer.replay_step`).
+
+    ``seeds``: the direction seeds the step drew, in order; ``losses``: the (all-reduced) loss
+    values the method used, in the order it used them; ``projected_grads``: the step's
+    projected-gradient scalars; ``lrs``: the learning rate of each parameter group.
+    """
+
+    step: int
+    seeds: list[int]
+    losses: list[float]
+    projected_grads: list[float]
+    lrs: list[float]
+
+
+@dataclass
 class _Slot:
     """One trainable parameter as the engine sees it (its local rows, if sharded)."""
 
@@ -255,6 +271,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
         self._slots: list[_Slot] | None = None
         self._signature: tuple[bool, ...] = ()
+        self._record: StepRecord | None = None
+        self._replay: list[float] | None = None
+        #: what the last step drew and used (seeds, losses, projected gradients, lrs): appended
+        #: to a run's trajectory file by the training loop, fed back by :meth:`replay_step`
+        self.last_step_record: StepRecord | None = None
         self._pending: dict[int, list[float]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -300,6 +321,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if module is not None:
             module.eval()
         self._pending = {}
+        self._record = StepRecord(self.step_count, [], [], [], [float(g["lr"]) for g in self.param_groups])
         try:
             loss = self._zo_step(closure)
             self.zo_state["updates"] += 1
@@ -314,6 +336,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         finally:
             if module is not None and was_training:
                 module.train()
+        self._record.projected_grads = [float(c) for c in self.zo_state["last_projected_grads"]]
+        self.last_step_record, self._record = self._record, None
         self.zo_state["step"] += 1
         self._after_step()
         return torch.tensor(loss, dtype=torch.float32)
@@ -325,6 +349,29 @@ class ZOOptimizer(torch.optim.Optimizer):
         taken the zeroth-order step inside the loss computation (``transformers.Trainer``).
         """
         self._closureless_step_is_noop = True
+
+    @torch.no_grad()
+    def replay_step(self, record: StepRecord) -> None:
+        """Redo a recorded step without running forwards: its losses are fed to the method.
+
+        The displacements, restores and updates are the very same operations as in the
+        recorded run, so the parameters and the state end bit-identical to it. Raises
+        ``ValueError`` if this optimizer draws other seeds than the record (another seed,
+        step or noise version) or derives other projected gradients.
+        """
+        if record.step != self.step_count:
+            raise ValueError(f"record of step {record.step} replayed at step {self.step_count}")
+        for group, lr in zip(self.param_groups, record.lrs):
+            group["lr"] = lr
+        self._replay = list(record.losses)
+        try:
+            self.step(lambda: 0.0)
+        finally:
+            left, self._replay = self._replay, None
+        done = self.last_step_record
+        if done.seeds != record.seeds or left or done.projected_grads != record.projected_grads:
+            raise ValueError(f"step {record.step} does not replay: seeds {done.seeds} vs recorded {record.seeds}, "
+                             f"projected gradients {done.projected_grads} vs {record.projected_grads}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """ZO optimizers never read ``.grad``; this only clears stray gradients."""
@@ -389,7 +436,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ building blocks for methods
     def _seed(self, sample: int = 0) -> int:
         """Seed of direction ``sample`` of the current step (pure function of seed, step)."""
-        return mix_seed(self.zo_state["seed"], self.zo_state["step"], sample)
+        seed = mix_seed(self.zo_state["seed"], self.zo_state["step"], sample)
+        if self._record is not None and seed not in self._record.seeds:
+            self._record.seeds.append(seed)
+        return seed
 
     def _forward(self, closure: Closure) -> float:
         """Run the closure once and return its (local) loss as a float."""
@@ -401,7 +451,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _reduce(self, *losses: float) -> list[float]:
         """Average losses over the data-parallel group and refuse non-finite ones."""
-        values = self.comm.all_reduce_mean(list(losses), what=f"{type(self).__name__} step {self.step_count}")
+        if self._replay is not None:  # replay_step: the recorded (already reduced) values
+            values, self._replay = self._replay[: len(losses)], self._replay[len(losses) :]
+            if len(values) != len(losses):
+                raise ValueError("the record has fewer losses than the step uses")
+        else:
+            values = self.comm.all_reduce_mean(list(losses), what=f"{type(self).__name__} step {self.step_count}")
+        if self._record is not None:
+            self._record.losses.extend(values)
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLoss(values)
         return values
