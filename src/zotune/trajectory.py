@@ -34,6 +34,8 @@ FILENAME = "trajectory.zot"
 MAGIC = b"ZOTUNE-TRAJECTORY\n"
 FORMAT = 1
 _HEAD = struct.Struct("<IBBBB")
+#: config keys about where and how a run was started, not what it computes (kept out of the header)
+_WHERE = ("output_dir", "resume", "overwrite", "progress", "threads", "device")
 
 
 def noise_fingerprint(distribution: str, block_size: int) -> str:
@@ -69,7 +71,8 @@ def make_header(model: torch.nn.Module, optimizer, optimizer_kwargs: dict[str, A
             "noise": noise_fingerprint(optimizer.distribution, optimizer.block_size),
             "noise_device": str(optimizer.noise_device.type if optimizer.noise_device else device),
             "base": model_fingerprint(model), "optimizer": type(optimizer).__name__,
-            "optimizer_kwargs": json.loads(json.dumps(optimizer_kwargs)), "config": config}
+            "optimizer_kwargs": json.loads(json.dumps(optimizer_kwargs)),
+            "config": {k: v for k, v in config.items() if k not in _WHERE}}
 
 
 def encode(record: StepRecord, previous_lrs: list[float] | None) -> bytes:
