@@ -88,7 +88,8 @@ def load_trainable(model: torch.nn.Module, directory: Path) -> None:
 
 
 def _corrupt(path: Path, error: BaseException) -> UserError:
-    reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = first if 0 < len(first) <= 80 else type(error).__name__  # torch's messages run to pages
     return UserError(f"{path} is corrupt or truncated ({reason}); restore it from a backup, or start the run "
                      "again without --resume (with --overwrite)")
 
