@@ -196,13 +196,14 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, loop: dict[str, Any]
     return version
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(out: Path, model, optimizer, scheduler, *, repair: bool = True) -> dict[str, Any]:
     """Load the newest complete checkpoint into model, optimizer and scheduler; returns the loop state.
 
-    Recovers leftovers of a killed save first. Every corrupt file is one :class:`UserError`
-    naming it.
+    With ``repair`` (the process that writes: one per run) the leftovers of a killed save are
+    cleaned up first (:func:`recover`); other ranks only read. Every corrupt file is one
+    :class:`UserError` naming it.
     """
-    ckpt = recover(out)
+    ckpt = recover(out) if repair else latest(out)
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {out} (run without --resume to start)")
     load_trainable(model, ckpt)

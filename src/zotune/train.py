@@ -418,7 +418,7 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
 
     loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None}
     if config.resume:
-        loop.update(checkpoint.load_checkpoint(out, model, optimizer, scheduler))
+        loop.update(checkpoint.load_checkpoint(out, model, optimizer, scheduler, repair=plan.is_main))
         if plan.is_main:
             checkpoint.cut_jsonl(out / "metrics.jsonl", loop["step"])  # steps after it run (and log) again
     elif plan.is_main:
