@@ -23,6 +23,7 @@ from zotune.cli import main
 from zotune.trajectory import FILENAME
 
 STEPS = 24
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "symlink"), reason="needs fork (POSIX)")
 
 
 @pytest.fixture(scope="module")
