@@ -53,6 +53,7 @@ def _start(argv: list[str], pause: float | None) -> tuple[int, queue.Queue]:
             os.dup2(write_fd, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             sys.stderr = os.fdopen(2, "w", buffering=1)
+            _private_locks()
             os.environ.pop(checkpoint.PAUSE_ENV, None)
             if pause is not None:
                 os.environ[checkpoint.PAUSE_ENV] = str(pause)
@@ -70,6 +71,17 @@ def _start(argv: list[str], pause: float | None) -> tuple[int, queue.Queue]:
 
     threading.Thread(target=pump, daemon=True).start()
     return pid, lines
+
+
+def _private_locks() -> None:
+    """In a forked child: give tqdm a lock of its own. Its default lock holds a semaphore shared
+    between processes; a child killed while holding it (transformers' "Loading weights" bar)
+    would leave every later child, and this test process, waiting on it forever."""
+    import tqdm
+    from transformers.utils import logging as hf_logging
+
+    tqdm.tqdm.set_lock(threading.RLock())
+    hf_logging.disable_progress_bar()
 
 
 def _exit_code(pid: int) -> int:
