@@ -20,10 +20,12 @@ from zotune.train import TrainConfig, train
 
 def _train(tmp_path, optimizer: str, peft: str = "full", **extra):
     model, tok = tiny_setup(peft)
-    args = {k: v for k, v in kw(zo.get(optimizer).__name__).items() if k != "lr"}
+    test_kw = {k: v for k, v in kw(zo.get(optimizer).__name__).items() if k != "lr"}
+    own = {k: v for k, v in test_kw.items() if k in TrainConfig.field_names()}  # e.g. distribution
+    args = {k: v for k, v in test_kw.items() if k not in own}
     config = TrainConfig(**{**FAST, "task": "sst2", "steps": 5, "eval_before": False, "optimizer": optimizer,
                             "peft": peft, "schedule": "linear", "output_dir": str(tmp_path / optimizer),
-                            "optimizer_args": args, **extra})
+                            "optimizer_args": args, **own, **extra})
     train(config, model=model, tokenizer=tok)
     return tmp_path / optimizer
 
