@@ -179,7 +179,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("output-read-only", ["train", *TRAIN, "--output-dir", "{readonly}/run"], "cannot write"),
     ("tensorboard-missing", ["train", *TRAIN, "--tensorboard"], "pip install tensorboard"),
     # ---- resume
-    ("resume-no-checkpoint", ["train", *TRAIN, "--resume", "--no-overwrite"], "no checkpoint"),
+    ("resume-no-checkpoint", ["train", *TRAIN, "--resume", "--no-overwrite"], "no complete checkpoint"),
     ("resume-changed-seed", ["train", "--output-dir", "{done}", "--resume", "--steps", "4", "--seed", "8"],
      "seed 7 -> 8"),
     ("resume-corrupt-config", ["train", "--output-dir", "{done}", "--resume", "--steps", "4"], "config.json"),

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tasks": ("zotune.commands.listing", "list the available tasks"),
     "models": ("zotune.commands.listing", "list the embedded models and what they need"),
     "optimizers": ("zotune.commands.listing", "list the optimizers with their rules"),
+    "replay": ("zotune.commands.replay", "rebuild a fine-tune's weights from the base model and its trajectory"),
     "bench": ("zotune.bench", "benchmarks: step, functions, quadratic, scale"),
 }
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from zotune.checkpoint import read_jsonl
 from zotune.errors import UserError
 
 
@@ -16,22 +17,9 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, f
         raise UserError(f"{run_dir} has no metrics.jsonl; is it a zotune run directory?")
     losses: dict[int, float] = {}
     evals: dict[int, dict[str, float]] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a metrics log (not UTF-8 text); is it a zotune run directory?") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # the torn last line a killed run leaves behind
-                break
-            raise UserError(f"{path}, line {number}: not a JSON record; the file is corrupt (remove that line "
-                            "to plot the rest)") from None
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise UserError(f"{path}, line {number}: not a zotune metrics record; is it a zotune run directory?")
+    for rec in read_jsonl(path):  # a torn last line (a killed run) is skipped
+        if "step" not in rec:
+            raise UserError(f"{path}: a record without a step; is it a zotune run directory?")
         if rec.get("kind") == "eval":
             evals[int(rec["step"])] = {k[4:]: v for k, v in rec.items() if k.startswith("dev_")}
         elif "loss" in rec:

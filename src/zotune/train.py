@@ -8,9 +8,12 @@ What a run writes into ``output_dir``:
 * ``config.json`` -- the full configuration (reloadable with ``--config``);
 * ``metrics.jsonl`` -- one line per step (loss, lr, projected gradient, time) and per
   evaluation (dev metrics);
-* ``checkpoint/`` -- the latest state: trainable weights (safetensors), optimizer state
+* ``checkpoint`` -- the latest state: trainable weights (safetensors), optimizer state
   (fp32, including the step counter that drives the direction seeds), scheduler and loop
-  state; ``--resume`` continues the identical trajectory from it;
+  state; ``--resume`` continues the identical trajectory from it. It points at a version in
+  ``checkpoints/`` and survives a kill at any moment (see :mod:`zotune.checkpoint`);
+* ``trajectory.zot`` -- every step's seeds and scalars: ``zotune replay`` rebuilds the
+  trained weights from it and the base model (see :mod:`zotune.trajectory`);
 * ``best/`` -- trainable weights of the best dev evaluation;
 * ``results.json`` -- dev/test metrics before and after, steps, wall-clock, peak memory;
 * ``curves.png`` -- loss and dev metric over steps.
@@ -37,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from zotune import checkpoint
+from zotune.checkpoint import load_trainable, save_trainable, trainable_state  # noqa: F401 (public here too)
 from zotune.config import PEFT_MODES, TrainConfig
 from zotune.errors import UserError
 
@@ -93,36 +98,6 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (``requires_grad``) parameters by name, as contiguous CPU tensors."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_trainable(model: torch.nn.Module, directory: Path) -> None:
-    """Write the trainable parameters to ``directory/trainable.safetensors``."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(directory / "trainable.safetensors"))
-
-
-def load_trainable(model: torch.nn.Module, directory: Path) -> None:
-    """Copy the weights of ``directory/trainable.safetensors`` into the model's parameters."""
-    from safetensors.torch import load_file
-
-    path = directory / "trainable.safetensors"
-    if not path.exists():
-        raise UserError(f"no trainable weights at {path}; is {directory} a zotune checkpoint?")
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    missing = [n for n in tensors if n not in params]
-    if missing:
-        raise UserError(f"checkpoint {directory} does not match the model: unknown tensors {missing[:3]}...")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].dtype))
 
 
 def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
@@ -250,8 +225,8 @@ def _check_output_dir(config: TrainConfig) -> Path:
             f"output directory {out} is not empty; pass --resume to continue that run, "
             "--overwrite to replace it, or choose another --output-dir"
         )
-    if config.resume and not (out / "checkpoint").exists():
-        raise UserError(f"--resume: no checkpoint in {out}/checkpoint (run without --resume to start)")
+    if config.resume and checkpoint.latest(out) is None:
+        raise UserError(f"--resume: no complete checkpoint in {out} (run without --resume to start)")
     _check_writable(out)
     if out.exists() and config.overwrite and not config.resume:
         _check_writable(out.parent)  # --overwrite removes and recreates the directory
@@ -441,6 +416,8 @@ class Run:
     step_times: list[float] = field(default_factory=list)
     stopped_early: bool = False
     bar: Any = None
+    #: the trajectory.zot writer (main process), see :mod:`zotune.trajectory`
+    trajectory: Any = None
 
     @property
     def config(self) -> TrainConfig:
@@ -466,6 +443,9 @@ class Run:
             self.bar.close()
             self.bar = None
         self.log.close()
+        if self.trajectory is not None:
+            self.trajectory.close()
+            self.trajectory = None
 
 
 def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
@@ -494,12 +474,21 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
 
     loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None}
     if config.resume:
-        loop.update(load_checkpoint(out / "checkpoint", model, optimizer, scheduler))
+        loop.update(checkpoint.load_checkpoint(out, model, optimizer, scheduler, repair=plan.is_main))
+        if plan.is_main:
+            checkpoint.cut_jsonl(out / "metrics.jsonl", loop["step"])  # steps after it run (and log) again
     elif plan.is_main:
         (out / "config.json").write_text(json.dumps(plan.resolved, indent=2))
+    trajectory = None
+    if plan.is_main:  # every step's seeds and scalars, for `zotune replay`
+        from zotune import trajectory as zotraj
+
+        trajectory = zotraj.open_for_run(out, loop["step"] if config.resume else None, model, optimizer,
+                                         plan.optimizer_kwargs, plan.resolved)
 
     log = MetricsLog(out / "metrics.jsonl", plan.is_main, out / "tensorboard" if config.tensorboard else None)
-    run = Run(plan, task, model, tokenizer, objective, optimizer, scheduler, log, loop, trainable)
+    run = Run(plan, task, model, tokenizer, objective, optimizer, scheduler, log, loop, trainable,
+              trajectory=trajectory)
     if plan.is_main:
         data_parallel_info(dist, config.batch_size)  # every check has passed: say how the job runs
     model_name = type(model).__name__ if model_given else config.model
@@ -541,6 +530,8 @@ def run_steps(run: Run) -> None:
 
         t0 = time.perf_counter()
         loss = float(run.optimizer.step(closure))
+        if run.trajectory is not None:
+            run.trajectory.append(run.optimizer.last_step_record)
         run.scheduler.step()
         run.step_times.append(time.perf_counter() - t0)
         loop["step"] = step + 1
@@ -582,7 +573,7 @@ def evaluate_and_checkpoint(run: Run) -> None:
             run.say(f"zotune: early stop: no dev gain in {config.early_stop} evaluations")
             run.stopped_early = True
     if run.plan.is_main and ((config.save_every and loop["step"] % config.save_every == 0) or run.stopped_early):
-        save_checkpoint(out / "checkpoint", run.model, run.optimizer, run.scheduler, loop)
+        checkpoint.save_checkpoint(out, run.model, run.optimizer, run.scheduler, loop)
 
 
 def finish_run(run: Run) -> dict[str, Any]:
@@ -590,7 +581,7 @@ def finish_run(run: Run) -> dict[str, Any]:
     results.json and curves.png; returns the results."""
     plan, config, loop, out, dist = run.plan, run.config, run.loop, run.plan.out, run.plan.dist
     if plan.is_main and config.steps > 0:
-        save_checkpoint(out / "checkpoint", run.model, run.optimizer, run.scheduler, loop)
+        checkpoint.save_checkpoint(out, run.model, run.optimizer, run.scheduler, loop)
     if dist is not None:
         from zotune.distributed import check_replicas
 
@@ -650,31 +641,3 @@ def _write_results(run: Run, results: dict[str, Any]) -> None:
 def _fmt(metrics: dict[str, float]) -> str:
     """``accuracy 0.5000, f1 0.4000`` (the example count left out)."""
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
-
-
-def save_checkpoint(directory: Path, model, optimizer, scheduler, loop: dict[str, Any]) -> None:
-    """Write the checkpoint atomically: into a temporary directory, then rename."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_trainable(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "loop.json").write_text(json.dumps(loop))
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
-
-
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer and scheduler state from a checkpoint; returns the loop state."""
-    load_trainable(model, directory)
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
-    return json.loads((directory / "loop.json").read_text())

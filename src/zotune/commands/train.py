@@ -22,8 +22,9 @@ examples:
                --task-arg 'label_words={0: " negative", 1: " positive"}'
   torchrun --nproc_per_node 2 -m zotune train ...  # data parallel: only loss scalars are exchanged
 
-Every run writes config.json, metrics.jsonl, checkpoint/, best/, results.json and curves.png
-into --output-dir; --resume continues an interrupted run on the identical trajectory.
+Every run writes config.json, metrics.jsonl, checkpoint, best/, trajectory.zot, results.json
+and curves.png into --output-dir; --resume continues an interrupted run on the identical
+trajectory (even after a kill), and `zotune replay` rebuilds its weights from trajectory.zot.
 """
 
 

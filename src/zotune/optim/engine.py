@@ -23,10 +23,13 @@
   :class:`~zotune.optim.comm.Communicator` (``comm=``): the local rows of a sharded
   parameter, the mean of the loss scalars over data-parallel ranks, a hook after each step.
   ``zotune.distributed.ProcessGroupComm`` implements it for ``torch.distributed``: every rank
-  draws the same directions and only the loss scalars are all-reduced.
+  draws the same directions and only the loss scalars are all-reduced;
 * **layer sampling** -- with ``layer_fraction < 1`` each step perturbs and updates only a
   subset of the layers chosen from (seed, step) (:mod:`zotune.optim.layers`); the sweeps skip
-  the other layers entirely.
+  the other layers entirely;
+* **frozen weights** -- parameters with ``requires_grad=False`` are skipped everywhere
+  (perturbation, update, state), as torch.optim skips parameters without a gradient; noise
+  indices count trainable parameters only (see :meth:`ZOOptimizer._build_slots`).
 
 A method is a subclass that implements :meth:`ZOOptimizer._zo_step` (its sequence of
 forwards and displacements) and usually :meth:`ZOOptimizer.direction` (how the raw noise
@@ -73,6 +76,22 @@ class NonFiniteLoss(Exception):
     def __init__(self, losses: Sequence[float]):
         super().__init__(f"non-finite loss in ZO step: {list(losses)}")
         self.losses = list(losses)
+
+
+@dataclass
+class StepRecord:
+    """What one step needs to be replayed without forwards (see :meth:`ZOOptimizer.replay_step`).
+
+    ``seeds``: the direction seeds the step drew, in order; ``losses``: the (all-reduced) loss
+    values the method used, in the order it used them; ``projected_grads``: the step's
+    projected-gradient scalars; ``lrs``: the learning rate of each parameter group.
+    """
+
+    step: int
+    seeds: list[int]
+    losses: list[float]
+    projected_grads: list[float]
+    lrs: list[float]
 
 
 @dataclass
@@ -251,6 +270,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             "last_projected_grads": [],
         }
         self._slots: list[_Slot] | None = None
+        self._signature: tuple[bool, ...] = ()
+        self._record: StepRecord | None = None
+        self._replay: list[float] | None = None
+        #: what the last step drew and used (seeds, losses, projected gradients, lrs): appended
+        #: to a run's trajectory file by the training loop, fed back by :meth:`replay_step`
+        self.last_step_record: StepRecord | None = None
         self._pending: dict[int, list[float]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -296,6 +321,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if module is not None:
             module.eval()
         self._pending = {}
+        self._record = StepRecord(self.step_count, [], [], [], [float(g["lr"]) for g in self.param_groups])
         try:
             loss = self._zo_step(closure)
             self.zo_state["updates"] += 1
@@ -310,6 +336,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         finally:
             if module is not None and was_training:
                 module.train()
+        self._record.projected_grads = [float(c) for c in self.zo_state["last_projected_grads"]]
+        self.last_step_record, self._record = self._record, None
         self.zo_state["step"] += 1
         self._after_step()
         return torch.tensor(loss, dtype=torch.float32)
@@ -321,6 +349,29 @@ class ZOOptimizer(torch.optim.Optimizer):
         taken the zeroth-order step inside the loss computation (``transformers.Trainer``).
         """
         self._closureless_step_is_noop = True
+
+    @torch.no_grad()
+    def replay_step(self, record: StepRecord) -> None:
+        """Redo a recorded step without running forwards: its losses are fed to the method.
+
+        The displacements, restores and updates are the very same operations as in the
+        recorded run, so the parameters and the state end bit-identical to it. Raises
+        ``ValueError`` if this optimizer draws other seeds than the record (another seed,
+        step or noise version) or derives other projected gradients.
+        """
+        if record.step != self.step_count:
+            raise ValueError(f"record of step {record.step} replayed at step {self.step_count}")
+        for group, lr in zip(self.param_groups, record.lrs):
+            group["lr"] = lr
+        self._replay = list(record.losses)
+        try:
+            self.step(lambda: 0.0)
+        finally:
+            left, self._replay = self._replay, None
+        done = self.last_step_record
+        if done.seeds != record.seeds or left or done.projected_grads != record.projected_grads:
+            raise ValueError(f"step {record.step} does not replay: seeds {done.seeds} vs recorded {record.seeds}, "
+                             f"projected gradients {done.projected_grads} vs {record.projected_grads}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """ZO optimizers never read ``.grad``; this only clears stray gradients."""
@@ -385,7 +436,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ building blocks for methods
     def _seed(self, sample: int = 0) -> int:
         """Seed of direction ``sample`` of the current step (pure function of seed, step)."""
-        return mix_seed(self.zo_state["seed"], self.zo_state["step"], sample)
+        seed = mix_seed(self.zo_state["seed"], self.zo_state["step"], sample)
+        if self._record is not None and seed not in self._record.seeds:
+            self._record.seeds.append(seed)
+        return seed
 
     def _forward(self, closure: Closure) -> float:
         """Run the closure once and return its (local) loss as a float."""
@@ -397,7 +451,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _reduce(self, *losses: float) -> list[float]:
         """Average losses over the data-parallel group and refuse non-finite ones."""
-        values = self.comm.all_reduce_mean(list(losses), what=f"{type(self).__name__} step {self.step_count}")
+        if self._replay is not None:  # replay_step: the recorded (already reduced) values
+            values, self._replay = self._replay[: len(losses)], self._replay[len(losses) :]
+            if len(values) != len(losses):
+                raise ValueError("the record has fewer losses than the step uses")
+        else:
+            values = self.comm.all_reduce_mean(list(losses), what=f"{type(self).__name__} step {self.step_count}")
+        if self._record is not None:
+            self._record.losses.extend(values)
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLoss(values)
         return values
@@ -495,8 +556,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the block sweep
     def _prepare(self) -> None:
-        if self._slots is None:
-            self._slots = self._build_slots()
+        if self._slots is None or self._signature != self._trainable_signature():
+            self._slots = self._build_slots()  # (re)built when parameters are frozen or unfrozen
         for slot in self._slots:
             state = self.state[slot.param]
             if not state.get("_initialised", False):
@@ -507,15 +568,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if slot.param.dtype not in LOW_PRECISION and slot.master is not None:
                     slot.master.copy_(slot.data)  # refresh the shadow in case weights were edited
 
+    def _trainable_signature(self) -> tuple[bool, ...]:
+        return tuple(bool(p.requires_grad) for g in self.param_groups for p in g["params"])
+
     def _build_slots(self) -> list[_Slot]:
-        """One slot per trainable parameter, in param-group order (the index is part of the noise contract)."""
+        """One slot per trainable parameter, in param-group order (the index is part of the noise contract).
+
+        Parameters with ``requires_grad=False`` are skipped, as torch.optim skips parameters
+        without a gradient: they are never perturbed or updated and get no state. The noise
+        index counts trainable parameters only, so the directions of a trainable parameter do
+        not depend on whether frozen ones were passed (``model.parameters()`` and the list of
+        trainable parameters give the same run).
+        """
         slots: list[_Slot] = []
         index = 0
+        self._signature = self._trainable_signature()
         names = {id(p): n for n, p in self.module.named_parameters()} if self.module is not None else {}
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         units = layer_units([names.get(id(p), f"#{i}") for i, p in enumerate(params)])
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
+                if not p.requires_grad:
+                    continue
                 local, row_offset, global_shape = self.comm.local_rows(p)
                 if not local.is_contiguous():
                     raise ValueError(
