@@ -163,7 +163,7 @@ def test_lozo_m_with_beta_zero_is_lozo():
         w = nn.Parameter(torch.zeros_like(g))
         opt = zo.create(name, [w], lr=0.1, rank=2, interval=3, seed=4, **kw)
         for _ in range(7):
-            opt.step(lambda: (g * w * w).sum())
+            opt.step(lambda w=w: (g * w * w).sum())
         runs.append(w.detach().clone())
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-12)
 
@@ -247,7 +247,7 @@ def test_large_matrix_thread_bit_identity(name):
                 if name == "ZOMuon" else zo.create(name, layer, lr=1e-3, rank=8, block_size=1024,
                                                    num_threads=workers)
             for _ in range(3):
-                opt.step(lambda: layer(x).pow(2).mean())
+                opt.step(lambda layer=layer: layer(x).pow(2).mean())
             results.append([p.detach().clone() for p in layer.parameters()])
     finally:
         torch.set_num_threads(old)
@@ -267,3 +267,60 @@ def test_validation_of_structure_arguments():
     with pytest.raises(ValueError, match="beta"):
         zo.LOZOM([w], beta=1.0)
     assert math.isclose(zo.ZOMuon([w]).forwards_per_step, 5)
+
+
+# ---------------------------------------------------------------------- CLI, training loop, HF Trainer
+@pytest.mark.parametrize("name", ["lozo", "lozo-m", "subzero", "zo-muon"])
+def test_cli_trains_a_tiny_model_with_each_method(tmp_path, name, capsys):
+    """`zotune train` end to end on a tiny random model, options through --opt; matrices move."""
+    import json
+
+    from zotune.cli import main
+    from zotune.testing import tiny_causal_lm, tiny_tokenizer
+    from zotune.train import TrainConfig, train
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok), seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(steps=3, batch_size=4, max_dev=4, max_test=4, eval_batch_size=4, progress=False,
+                         output_dir=str(tmp_path / "run"), task="sst2", optimizer=name, eval_before=False,
+                         lr=1e-2, eps=1e-2, optimizer_args={"rank": 2, "interval": 2})
+    results = train(config, model=model, tokenizer=tok)
+    per_step = zo.get(name)(nn.Linear(2, 2)).forwards_per_step
+    assert results["steps"] == 3 and results["forwards"] == 3 * per_step
+    moved = [n for n, p in model.named_parameters() if p.dim() == 2 and not torch.equal(before[n], p)]
+    assert len(moved) == sum(p.dim() == 2 for p in model.parameters())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optimizer_args"] == {"rank": 2, "interval": 2}
+    # a wrong option is one clear line, exit status 2
+    code = main(["train", "--optimizer", name, "--opt", "rank=-1", "--output-dir", str(tmp_path / "bad")])
+    assert code == 2 and "rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["lozo", "lozo-m", "subzero", "zo-muon"])
+def test_hf_trainer_integration(tmp_path, name):
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from zotune.integrations import ZOTrainer
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            ids = torch.tensor([(i * 7 + k) % 50 + 1 for k in range(8)])
+            return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(8, dtype=torch.long)}
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, max_steps=3, per_device_train_batch_size=4,
+                             lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = ZOTrainer(model=model, args=args, train_dataset=Tokens(), zo_optimizer=name,
+                        zo_kwargs={"eps": 1e-3, "rank": 2, "interval": 2})
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert opt.step_count == 3 and opt.zo_state["forwards"] == 3 * opt.forwards_per_step
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.dim() == 2)

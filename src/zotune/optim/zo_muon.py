@@ -51,8 +51,11 @@ class ZOMuon(MatrixZO):
 
     aliases = ("zo-muon", "zomuon", "zo_muon", "muon")
     summary = "N one-sided queries along P u_i; W -= lr P NS5(mean g_i u_i) (P: m x r basis)"
+    forwards_per_step = 5  # N + 1 with the default N = 4 (set per instance)
     # authors (OPT-13B): matrices 1e-2 (the size of an orthogonal step); docs/methods.md
-    lr_by_mode = {"full": 1e-2, "lora": 1e-2, "prefix": 1e-2}
+    # norm-only modes: every tensor is a vector, stepped with lr * vector_lr_scale (1e-5), so lr 500
+    # gives ZO-SGD's norm-mode lr of 5e-3
+    lr_by_mode = {"full": 1e-2, "lora": 1e-2, "prefix": 1e-2, "final_norm": 500.0, "norms": 500.0}
     reference = "zotune.optim.reference_lowrank:RefZOMuon"
     test_kwargs = dict(lr=1e-2, rank=4, interval=2, queries=3, vector_lr_scale=0.1, weight_decay=0.01)
 
