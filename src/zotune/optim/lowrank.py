@@ -27,7 +27,6 @@ from collections.abc import Iterator
 
 import torch
 
-from zotune.distributed import local_rows_of
 from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer
 from zotune.optim.noise import BlockLayout, fill_noise, mix_seed
 
@@ -148,19 +147,19 @@ class MatrixZO(ZOOptimizer):
 
     # ------------------------------------------------------------------ helpers for subclasses
     def is_matrix(self, param: torch.Tensor) -> bool:
-        return matrix_dims(local_rows_of(param)[2]) is not None
+        return matrix_dims(self.comm.local_rows(param)[2]) is not None
 
     def dims(self, param: torch.Tensor) -> tuple[int, int]:
-        dims = matrix_dims(local_rows_of(param)[2])
+        dims = matrix_dims(self.comm.local_rows(param)[2])
         assert dims is not None
         return dims
 
     def _factor_device(self, param: torch.Tensor) -> torch.device:
-        return self.noise_device or local_rows_of(param)[0].device
+        return self.noise_device or self.comm.local_rows(param)[0].device
 
     def step_gaussian(self, param: torch.Tensor, index: int, seed: int, rows: int, cols: int) -> torch.Tensor:
         """A Gaussian factor drawn afresh for each step/query seed."""
-        local = local_rows_of(param)[0]
+        local = self.comm.local_rows(param)[0]
         out = gaussian(step_seed(seed, index), rows, cols, device=self._factor_device(param),
                        dtype=work_dtype(param.dtype))
         return out.to(local.device)
@@ -174,7 +173,7 @@ class MatrixZO(ZOOptimizer):
             return cached
         make = gaussian if kind == "gaussian" else orthonormal
         seed = window_seed(self.zo_state["seed"], name, window, index)
-        local = local_rows_of(param)[0]
+        local = self.comm.local_rows(param)[0]
         value = make(seed, rows, cols, device=self._factor_device(param), dtype=work_dtype(param.dtype))
         value = value.to(local.device)
         for old in [k for k in self._windows if k[0] == name and k[1] == index and k[2] < window - 1]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from zotune.distributed import local_rows_of
 from zotune.optim.engine import Block, Closure, Noises, check_positive_int, check_range
 from zotune.optim.lowrank import MatrixZO, low_rank_product, single_threaded, work_dtype
 
@@ -109,7 +108,7 @@ class LOZOM(LOZO):
 
     def init_state(self, param: torch.Tensor, state: dict) -> None:
         if self.is_matrix(param):
-            local = local_rows_of(param)[0]
+            local = self.comm.local_rows(param)[0]
             rank = self.param_groups[self._index_group(param)]["rank"]
             state["momentum_factor"] = torch.zeros(local.shape[0], rank, dtype=work_dtype(param.dtype),
                                                    device=local.device)
