@@ -324,3 +324,36 @@ def test_hf_trainer_integration(tmp_path, name):
     opt = trainer.zo_optimizer
     assert opt.step_count == 3 and opt.zo_state["forwards"] == 3 * opt.forwards_per_step
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.dim() == 2)
+
+
+# ---------------------------------------------------------------------- the low-rank quadratic family
+def test_lowrank_least_squares_problem():
+    """f(0) = d/2 and the gradient at the start, -W* S, has rank 2 (the minimiser W* is rank 2)."""
+    from zotune.bench.quadratic import Problem
+
+    p = Problem(100, 100.0, "lowrank")
+    x0, loss = p.start_and_loss()
+    assert x0.shape == (10, 10) and not x0.any()
+    assert loss(x0) == pytest.approx(50.0)
+    eye = torch.eye(100, dtype=torch.float64)
+    grad = torch.tensor([(loss(e.view(10, 10) * 1e-4) - loss(-e.view(10, 10) * 1e-4)) / 2e-4 for e in eye])
+    s = torch.linalg.svdvals(grad.view(10, 10))  # gradient at 0 = -W* S: rank 2
+    assert s[1] > 1e-3 * s[0] and s[2] < 1e-6 * s[0]
+
+
+def test_quadratic_bench_lowrank_smoke(tmp_path):
+    import argparse
+    import json
+
+    from zotune.bench import quadratic
+
+    parser = argparse.ArgumentParser()
+    quadratic.add_arguments(parser)
+    args = parser.parse_args(["--problems", "lowrank", "--dims", "2", "4", "--conds", "4", "--seeds", "3",
+                              "--max-steps", "150", "--confirm", "1", "--optimizers", "zo-sgd", "lozo",
+                              "--json", str(tmp_path / "q.json"), "--markdown", str(tmp_path / "q.md")])
+    assert quadratic.run(args) == 0
+    results = json.loads((tmp_path / "q.json").read_text())["results"]
+    assert {(r["row"], r["problem"], r["d"]) for r in results} == {("ZOSGD", "lowrank", 4), ("LOZO", "lowrank", 4)}
+    assert any(r["reached"] >= 2 for r in results)
+    assert "low-rank matrix least squares" in (tmp_path / "q.md").read_text()
