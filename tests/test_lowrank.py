@@ -357,3 +357,24 @@ def test_quadratic_bench_lowrank_smoke(tmp_path):
     assert {(r["row"], r["problem"], r["d"]) for r in results} == {("ZOSGD", "lowrank", 4), ("LOZO", "lowrank", 4)}
     assert any(r["reached"] >= 2 for r in results)
     assert "low-rank matrix least squares" in (tmp_path / "q.md").read_text()
+
+
+@pytest.mark.parametrize("name", LOWRANK)
+def test_layer_fraction_builds_factors_for_the_sampled_layers_only(name):
+    """With layer_fraction, only the step's layers get factors and move (the engine's layer sampling)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6, bias=False) for _ in range(4)])
+    x = torch.randn(8, 6)
+    opt = zo.create(name, model, lr=1e-2, rank=2, layer_fraction=0.5, seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    original = opt._ensure_factors
+
+    def spy(seeds):
+        original(seeds)
+        seen.extend(sorted(opt._factors[s]) for s in seeds)
+
+    opt._ensure_factors = spy
+    opt.step(lambda: model(x).pow(2).mean())
+    moved = [i for i, (a, p) in enumerate(zip(before, model.parameters())) if not torch.equal(a, p)]
+    assert len(moved) == 2 and all(indices == moved for indices in seen)

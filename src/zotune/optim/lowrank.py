@@ -204,7 +204,7 @@ class MatrixZO(ZOOptimizer):
             with single_threaded():
                 self._factors[seed] = {
                     slot.index: self.factors(slot.param, slot.index, seed)
-                    for slot in self._slots or []
+                    for slot in self.active_slots()  # with layer_fraction < 1: this step's layers only
                     if self.is_matrix(slot.param)
                 }
 
