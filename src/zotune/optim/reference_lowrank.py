@@ -43,7 +43,8 @@ class _RefMatrix(ReferenceZO):
         for k, p in enumerate(self.params):
             dims = self.dims(p)
             out.append(z[k] if dims is None else matrix_direction(k, *dims).reshape(p.shape))
-        return out
+        # layer_fraction: layers outside the step's subset are not perturbed
+        return [torch.zeros_like(u) if k in getattr(self, "frozen", ()) else u for k, u in enumerate(out)]
 
     def sgd(self, closure: Closure, directions: list[torch.Tensor]) -> None:
         c = self.spsa(closure, directions)
@@ -81,7 +82,7 @@ class RefLOZOM(RefLOZO):
             st, dims = self.state[k], self.dims(p)
             if dims is None:
                 g = c * z[k]
-                st["m"] = g if self.updates == 0 else beta * st["m"] + (1 - beta) * g
+                st["m"] = g if self.updates == 0 else beta * st.get("m", torch.zeros_like(p)) + (1 - beta) * g
                 p.sub_(lr * st["m"])
                 continue
             m, n = dims
@@ -89,6 +90,7 @@ class RefLOZOM(RefLOZO):
             if self.updates == 0:
                 st["M"] = c * u
             else:
+                st.setdefault("M", torch.zeros_like(u))  # a layer sampled out until now
                 if self.step_count % nu == 0 and self.step_count > 0:
                     v_old = self.window_factor(k, "lozo.V", self.step_count // nu - 1, n, v.shape[1], orth=False)
                     st["M"] = st["M"] @ v_old.T @ v / n
@@ -123,7 +125,8 @@ class RefZOMuon(_RefMatrix):
         for i in range(n_q):
             u = {k: self.step_gaussian(k, i, b.shape[1], self.dims(self.params[k])[1]) for k, b in basis.items()}
             z = self.dense(sample=i)
-            offsets = [eps * (basis[k] @ u[k]).reshape(p.shape) if k in basis else eps * z[k]
+            offsets = [torch.zeros_like(p) if k in getattr(self, "frozen", ()) else
+                       eps * (basis[k] @ u[k]).reshape(p.shape) if k in basis else eps * z[k]
                        for k, p in enumerate(self.params)]
             grads.append((self.loss_at(closure, offsets) - l0) / eps)
             us.append(u)
