@@ -45,7 +45,10 @@ CHECK_EVERY = 2
 # rows_per_block = 3 for the (7, 6) weights, so block 1 (rows 3..5) straddles the FSDP2 shard
 # boundary at row 4, and every bias is one block split between the ranks
 BLOCK_SIZE = 20
-OPTIMIZERS = {"ZOSGD": dict(lr=0.05, eps=1e-3), "ZOAdam": dict(lr=1e-2, eps=1e-3)}
+OPTIMIZERS = {"ZOSGD": dict(lr=0.05, eps=1e-3), "ZOAdam": dict(lr=1e-2, eps=1e-3),
+              # matrix-structured: factors sliced to each shard's rows; one all-reduce per ZO-Muon query
+              "LOZO": dict(lr=0.05, eps=1e-3, rank=2, interval=3),
+              "ZOMuon": dict(lr=1e-2, eps=1e-3, rank=2, interval=3, queries=2)}
 TRAIN_KW = dict(seed=11, block_size=BLOCK_SIZE)
 HANG_TIMEOUT_S = 3.0  # collective timeout of the group on which rank 1 hangs
 MAIN_TIMEOUT_S = 20.0  # collective timeout of the main group (rank 0 meets the dead rank 1 there)

@@ -404,6 +404,8 @@ def test_every_method_decreases_a_convex_quadratic(name):
     # Sparse-MeZO moves only the weights at or below its threshold; here each of the 4 carries a
     # quarter of the loss, so its default (the smallest weight) cannot halve it: threshold = max |w|
     extra = {"sparsity": 0.0} if name == "SparseMeZO" else {}
+    if name == "ZOMuon":
+        extra = {"vector_lr_scale": 1.0}  # w is a vector: ZO-Muon's vector rule
     opt = zo.create(name, [w], lr=_quadratic_lr(name, 4, 10.0), seed=1, **extra)
     f0 = 0.5 * float((diag * w.detach() ** 2).sum())
     for _ in range(300):

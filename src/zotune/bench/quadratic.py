@@ -6,6 +6,14 @@ Parameters are float64, shaped as a near-square matrix (d = 10: 2x5, d = 100: 10
 HiZOO-L's row/column factors are exercised (log-spaced D is exactly rank one in that layout);
 every other method is element-wise and does not see the shape.
 
+A second family, ``--problems lowrank``, is a matrix least-squares problem whose solution has
+low rank: W is rows x cols (the same near-square layout, d >= 4), f(W) = 1/2 tr(E S E^T) with
+E = W - W*, S = Q diag(D) Q^T a rotated column covariance (Q a fixed random rotation, D
+log-spaced from 1 to ``cond``), W* = sum_{i<2} a_i b_i^T of rank 2 (fixed random orthonormal
+a_i, b_i, scaled so that f0 = f(0) = d/2), and x0 = W0 = 0. Its gradient (W - W*) S is rank 2
+at the start and no coordinate system diagonalises it: where the matrix-structured methods'
+assumption (a low-rank gradient) holds and the diagonal-Hessian methods' does not.
+
 Every registered optimizer is run (``zotune.optim.available()``); HiZOO also as one row per
 option (published default, trace correction, abs-after-EMA, clamping, warm start, harmonic
 alpha schedule, n_samples = 4, hessian_every = 2) and over an alpha grid. For each row and problem:
@@ -76,7 +84,15 @@ LR_START: dict[str, Callable[[int, float], float]] = {
     "HiZOO": lambda d, c: 1e-1,
     "HiZOOLowRank": lambda d, c: 1e-1,
     "HELENE": _sgd_like,
+    "LOZO": lambda d, c: 0.5 * _sgd_like(d, c),  # E ||U V^T||^2 is r = 2 times a dense z's
+    "LOZOM": lambda d, c: 0.5 * _sgd_like(d, c),
+    "SubZero": _sgd_like,
+    "ZOMuon": lambda d, c: 1e-2,  # the size of an orthogonal step
 }
+
+#: the benchmark's problems are one tensor; ZO-Muon's vector rule (lr * 1e-5, for biases and
+#: norms beside matrices) would only rescale its lr on d = 2, so vectors use the matrix lr here
+_ZO_MUON_BENCH = {"vector_lr_scale": 1.0}
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,12 @@ def default_rows(methods: Sequence[str], alphas: Sequence[float], max_steps: int
             # the paper's proportions: T1 = 1024 of 20K steps (~5%), T2 = 80%, T3 = the run length
             rows.append(Row("ZOAdaMU (T1, T3 = 5%, 100% of max steps)", name,
                             {"total_steps": max_steps, "t1": max(1, round(0.05 * max_steps))}))
+        elif name == "SubZero":
+            rows += [Row("SubZero (published r 24, T 1000)", name),
+                     Row("SubZero r=2, T=100", name, {"rank": 2, "interval": 100})]
+        elif name == "ZOMuon":
+            rows += [Row("ZOMuon (published r 64, N 4, K 100)", name, dict(_ZO_MUON_BENCH)),
+                     Row("ZOMuon r=2", name, {**_ZO_MUON_BENCH, "rank": 2})]
         else:
             rows.append(Row(name, name))
     return rows
@@ -123,6 +145,7 @@ def default_rows(methods: Sequence[str], alphas: Sequence[float], max_steps: int
 class Problem:
     d: int
     cond: float
+    kind: str = "diagonal"  # or "lowrank"
 
     def shape(self) -> tuple[int, int]:
         r = max(k for k in range(1, math.isqrt(self.d) + 1) if self.d % k == 0)
@@ -130,6 +153,29 @@ class Problem:
 
     def diagonal(self) -> torch.Tensor:
         return torch.logspace(0.0, math.log10(self.cond), self.d, dtype=torch.float64)
+
+    def start_and_loss(self) -> tuple[torch.Tensor, Callable[[torch.Tensor], float]]:
+        """x0 (float64, in the problem's shape) and f(x)."""
+        if self.kind == "diagonal":
+            diag = self.diagonal()
+            return (1.0 / diag.sqrt()).view(self.shape()), lambda x: 0.5 * float(torch.dot(x.view(-1) ** 2, diag))
+        rows, cols = self.shape()
+        g = torch.Generator().manual_seed(1234 + self.d)
+        q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+        root = q * torch.logspace(0.0, math.log10(self.cond), cols, dtype=torch.float64).sqrt()  # S = root root^T
+        a, _ = torch.linalg.qr(torch.randn(rows, 2, generator=g, dtype=torch.float64))
+        b, _ = torch.linalg.qr(torch.randn(cols, 2, generator=g, dtype=torch.float64))
+        target = a @ torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64)) @ b.T
+        target *= math.sqrt(0.5 * self.d / (0.5 * float(((target @ root) ** 2).sum())))  # f0 = d / 2
+
+        def loss(x: torch.Tensor) -> float:
+            return 0.5 * float((((x - target) @ root) ** 2).sum())
+
+        return torch.zeros(rows, cols, dtype=torch.float64), loss
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} d={self.d} cond={self.cond:g}"
 
 
 @dataclass
@@ -145,9 +191,8 @@ def run_once(method: str, options: dict[str, Any], lr: float, alpha: float | Non
     """One run from x0 with one seed, at most ``cap`` steps."""
     import zotune.optim as zo
 
-    diag = problem.diagonal()
-    x = torch.nn.Parameter((1.0 / diag.sqrt()).view(problem.shape()).clone())
-    flat = x.data.view(-1)
+    x0, loss = problem.start_and_loss()
+    x = torch.nn.Parameter(x0.clone())
     f0 = 0.5 * problem.d
     kw = dict(options, lr=lr, eps=eps, seed=seed, num_threads=1)
     if alpha is not None:
@@ -155,15 +200,14 @@ def run_once(method: str, options: dict[str, Any], lr: float, alpha: float | Non
     opt = zo.create(method, [x], **kw)
 
     def closure() -> float:
-        v = x.view(-1)
-        return 0.5 * float(torch.dot(v * v, diag))
+        return loss(x.data)
 
     window = max(1, max_steps // 8)
     history = {0: 1.0}
     ratio = 1.0
     for step in range(1, cap + 1):
         opt.step(closure)
-        ratio = 0.5 * float(torch.dot(flat * flat, diag)) / f0
+        ratio = loss(x.data) / f0
         if not math.isfinite(ratio) or ratio > DIVERGED:
             return RunResult(math.inf, math.inf, ratio, "diverged")
         if ratio <= THRESHOLD:
@@ -284,6 +328,7 @@ def search_cell(row: Row, problem: Problem, seeds: int, max_steps: int, eps: flo
     assert chosen is not None
     return {
         "row": row.label, "method": row.method, "options": row.options, "d": problem.d, "cond": problem.cond,
+        "problem": problem.kind,
         **chosen,
         "screened": [{"alpha": a, "lr": LR_GRID[i], "status": [r.status for r in rs],
                       "steps": [r.steps for r in rs], "final_ratio": [r.final_ratio for r in rs]}
@@ -301,6 +346,8 @@ def _job(args: tuple[Row, Problem, int, int, float, int]) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 10, 100], help="dimensions d")
     parser.add_argument("--conds", type=float, nargs="+", default=[100.0, 1000.0], help="condition numbers")
+    parser.add_argument("--problems", nargs="+", choices=("diagonal", "lowrank"), default=["diagonal", "lowrank"],
+                        help="problem families (lowrank: matrix least squares with a rank-2 solution, d >= 4)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per confirmed setting (median)")
     parser.add_argument("--max-steps", type=int, default=4000, help="steps before a run counts as not reached")
     parser.add_argument("--eps", type=float, default=1e-3, help="perturbation scale")
@@ -336,18 +383,23 @@ def render(results: list[dict[str, Any]], rows: list[Row], dims: Sequence[int], 
            header: str) -> str:
     """Markdown: one table per condition number, cells 'median steps / median forwards'."""
     out = [header]
-    index = {(r["row"], r["d"], r["cond"]): r for r in results}
-    for cond in conds:
-        out.append(f"\n### cond = {cond:g}: median steps / forwards to 1% of f0 (lr, α)\n")
-        headers = ["method"] + [h for d in dims for h in (f"d={d}", "lr, α")]
-        table = []
-        for row in rows:
-            line = [row.label]
-            for d in dims:
-                res = index.get((row.label, d, cond))
-                line += [_cell(res), _setting(res)]
-            table.append(line)
-        out.append(markdown_table(headers, table))
+    index = {(r.get("problem", "diagonal"), r["row"], r["d"], r["cond"]): r for r in results}
+    for kind in dict.fromkeys(r.get("problem", "diagonal") for r in results):
+        kind_dims = [d for d in dims if any(k[0] == kind and k[2] == d for k in index)]
+        for cond in conds:
+            title = "diagonal quadratic" if kind == "diagonal" else "low-rank matrix least squares"
+            out.append(f"\n### {title}, cond = {cond:g}: median steps / forwards to 1% of f0 (lr, α)\n")
+            headers = ["method"] + [h for d in kind_dims for h in (f"d={d}", "lr, α")]
+            table = []
+            for row in rows:
+                if not any((kind, row.label, d, cond) in index for d in kind_dims):
+                    continue
+                line = [row.label]
+                for d in kind_dims:
+                    res = index.get((kind, row.label, d, cond))
+                    line += [_cell(res), _setting(res)]
+                table.append(line)
+            out.append(markdown_table(headers, table))
     return "\n".join(out) + "\n"
 
 
@@ -359,7 +411,8 @@ def run(args: argparse.Namespace) -> int:
     rows = default_rows(methods, args.alphas, args.max_steps)
     if args.rows:
         rows = [r for r in rows if any(s.lower() in r.label.lower() for s in args.rows)]
-    problems = [Problem(d, c) for c in args.conds for d in args.dims]
+    problems = [Problem(d, c, kind) for kind in args.problems for c in args.conds for d in args.dims
+                if kind == "diagonal" or d >= 4]
     jobs = [(row, p, args.seeds, args.max_steps, args.eps, args.confirm) for p in problems for row in rows]
     jobs.sort(key=lambda j: -j[1].d)  # big cells first
     t0 = time.perf_counter()
@@ -367,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
 
     def done(res: dict[str, Any]) -> None:
         results.append(res)
-        print(f"[{time.perf_counter() - t0:7.1f}s] {res['row']:<40} d={res['d']:<4} cond={res['cond']:<6g} "
+        print(f"[{time.perf_counter() - t0:7.1f}s] {res['row']:<40} {res['problem']:<8} d={res['d']:<4} "
+              f"cond={res['cond']:<6g} "
               f"{_cell(res):<24} {_setting(res):<16} ({res['runs']} runs, {res['seconds']:.1f}s)",
               file=sys.stderr, flush=True)
 
@@ -382,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
             done(_job(job))
     wall = time.perf_counter() - t0
     command = " ".join(["zotune", *sys.argv[1:]])
-    header = (f"Diagonal quadratics, float64, eps {args.eps:g}, {args.seeds} seeds, max {args.max_steps} steps "
+    header = (f"Quadratics ({', '.join(args.problems)}), float64, eps {args.eps:g}, {args.seeds} seeds, "
+              f"max {args.max_steps} steps "
               f"({wall / 60:.1f} min wall, {args.jobs} jobs).")
     text = render(results, rows, args.dims, args.conds, header)
     print(text)

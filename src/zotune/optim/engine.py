@@ -295,6 +295,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The perturbation direction u for one block, from its raw noise streams."""
         return noise[0]
 
+    def direction_for(self, block: Block, noise: list[torch.Tensor], seed: int) -> torch.Tensor:
+        """The direction of ``seed`` for one block; the engine always calls this one.
+
+        The default is :meth:`direction` of the block's own noise. Methods whose direction of
+        a block also depends on per-parameter factors of the seed (low-rank perturbations)
+        override this instead.
+        """
+        return self.direction(block, noise)
+
+    def slot_noise_streams(self, param: torch.Tensor) -> int:
+        """Noise streams to generate for one parameter (0: its direction needs no block noise)."""
+        return self.noise_streams
+
     def _zo_step(self, closure: Closure) -> float:
         raise NotImplementedError
 
@@ -495,7 +508,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             gi = block.slot.group_index
             if coefs[gi] == 0.0:
                 return
-            u = self.direction(block, noises[0])
+            u = self.direction_for(block, noises[0], seed)
             rows = block.slot.data[block.r0 : block.r1]
             if block.slot.master is None:
                 rows.add_(u, alpha=coefs[gi])
@@ -528,9 +541,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         def fused(block: Block, noises: Noises) -> None:
             gi = block.slot.group_index
             if block.slot.master is None:
-                for off, noise in zip(offsets, noises):
+                for off, noise, seed in zip(offsets, noises, seeds):
                     if off is not None and off[gi] != 0.0:
-                        block.param.add_(self.direction(block, noise), alpha=-off[gi])
+                        block.param.add_(self.direction_for(block, noise, seed), alpha=-off[gi])
             kernel(block, noises)
             if block.slot.master is not None:
                 block.slot.data[block.r0 : block.r1].copy_(block.param)
@@ -650,7 +663,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each block."""
         items = self._work_items()
         nthreads = min(self._threads(), max(1, len(items)))
-        streams = self.noise_streams
+        streams_of = {slot.index: self.slot_noise_streams(slot.param) for slot in self._slots or []}
         groups = self.param_groups
         max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []), default=1)
 
@@ -670,6 +683,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 device = slot.data.device
                 gen_device = self.noise_device or device
                 noises: Noises = []
+                streams = streams_of[slot.index]
                 for si, seed in enumerate(seeds):
                     streams_z = []
                     for t in range(streams):
