@@ -46,9 +46,10 @@ def test_smollm2_trains_on_task(tmp_path, task, extra):
     assert any("lora_B" in name and bool(t.abs().sum() > 0) for name, t in saved.items())
     # the reported score belongs to the saved weights: `zotune eval --checkpoint` reloads them into a fresh
     # model and gets the same number (a wrong save/load or a non-deterministic evaluation would not)
-    args = argparse.Namespace(checkpoint=str(run_dir), model=None, task=None, template=None, split="test", k=None,
-                              data_seed=None, max_test=None, batch_size=8, dtype=None,
-                              json=str(tmp_path / "eval.json"))
+    parser = argparse.ArgumentParser()
+    evaluate_command.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(run_dir), "--split", "test", "--batch-size", "8",
+                              "--json", str(tmp_path / "eval.json")])
     assert evaluate_command.run(args) == 0
     again = json.loads((tmp_path / "eval.json").read_text())["test"][metric]
     assert again == pytest.approx(results["after"]["test"][metric], abs=1e-6)

@@ -324,12 +324,12 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 def data_parallel(ctx: Context) -> dict[str, Any]:
     """A one-process NCCL group (gloo on the CPU): 3 data-parallel steps equal the plain run."""
-    from zotune.distributed import COMM_STATS
+    from zotune.distributed import COMM_STATS, ProcessGroupComm
 
     group = _one_process_group(ctx)
     plain, plain_losses = _train_tiny(ctx)
     COMM_STATS.reset()
-    dp, dp_losses = _train_tiny(ctx, process_group=group.group, check_every=1)
+    dp, dp_losses = _train_tiny(ctx, comm=ProcessGroupComm(group.group, check_every=1))
     diff = _max_diff(plain, dp)
     _close(group)
     data = {"backend": group.backend, "losses": dp_losses, "plain_losses": plain_losses,
@@ -342,13 +342,13 @@ def data_parallel(ctx: Context) -> dict[str, Any]:
 def fsdp2(ctx: Context) -> dict[str, Any]:
     """FSDP2 (``fully_shard_for_zo``) in a one-process group: 3 steps equal the plain run."""
     import zotune.optim as zo
-    from zotune.distributed import fully_shard_for_zo
+    from zotune.distributed import ProcessGroupComm, fully_shard_for_zo
     from zotune.testing import tiny_causal_lm
 
     group = _one_process_group(ctx)
     plain, _ = _train_tiny(ctx)
     model = fully_shard_for_zo(tiny_causal_lm(seed=0).to(ctx.device))
-    losses = _run_steps(model, zo.ZOSGD(model, lr=1e-3, eps=1e-3, seed=0, process_group=group.group), ctx, 3)
+    losses = _run_steps(model, zo.ZOSGD(model, lr=1e-3, eps=1e-3, seed=0, comm=ProcessGroupComm(group.group)), ctx, 3)
     diff = _max_diff(plain, model)
     _close(group)
     return {"checks": [check("FSDP2 weights match the plain run (max abs diff <= 1e-6)", diff <= 1e-6, diff)],
