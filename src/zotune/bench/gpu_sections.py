@@ -11,6 +11,7 @@ shapes (the CPU mode the default test suite and CI run).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import statistics
@@ -212,14 +213,13 @@ def _step_section(ctx: Context, shape: str) -> dict[str, Any]:
         r = _step_one(shape, dtype, ctx.device, batch, seq, rounds)
         results.append(r)
         tag = f"{shape} {r['dtype']}"
-        checks.append(check(f"{tag}: loss finite after the steps", r["loss_after"] == r["loss_after"],
-                            r["loss_after"]))
+        checks.append(check(f"{tag}: loss finite after the steps", math.isfinite(r["loss_after"]), r["loss_after"]))
         zs = r["rows"]["ZOSGD/gaussian"]
         if ctx.cuda:  # on the tiny CPU shape per-step overheads dominate: the figure is reported, not checked
             checks.append(check(f"{tag}: ZO-SGD faster than MeZO's reference step",
                                 zs["speedup_vs_mezo_reference"] > 1, round(zs["speedup_vs_mezo_reference"], 3)))
         if ctx.cuda and dtype == torch.float32:
-            # the CPU target is 1.02; on the GPU the noise block buffers are per parameter, a few MiB
+            # the CPU target is 1.02 (peak RSS); here the caching allocator's block rounding comes on top
             checks.append(check(f"{tag}: ZO-SGD peak / inference peak <= 1.05", zs["peak_over_inference"] <= 1.05,
                                 round(zs["peak_over_inference"], 4)))
         if ctx.cuda:
