@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-slow lint bench-step bench-functions bench-quadratic clean
+.PHONY: demo test test-slow lint bench-step bench-functions bench-quadratic gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,8 @@ bench-quadratic: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info .pytest_cache .ruff_cache
+
+GPU_CHECK_DIR ?= runs/gpu-check
+# every CUDA path on one GPU (<= 8 min), report in $(GPU_CHECK_DIR)/gpu-check.{json,md}; without CUDA: the CPU parts
+gpu-check: $(VENV)/.models
+	HF_HUB_OFFLINE=1 $(PY) -m zotune bench gpu-check --out $(GPU_CHECK_DIR) --overwrite

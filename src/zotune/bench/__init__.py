@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "functions": ("zotune.bench.functions", "trajectories of every optimizer on 2-D test functions"),
     "quadratic": ("zotune.bench.quadratic", "steps to 1% of the initial loss on diagonal quadratics"),
     "scale": ("zotune.bench.scale", "data-parallel throughput and bytes communicated per step"),
+    "threads": ("zotune.bench.threads", "step time per (torch threads, engine workers) pair, optionally under load"),
+    "gpu-check": ("zotune.bench.gpu_check", "every CUDA path on one GPU (CPU parts without one); JSON + markdown"),
 }
 
 DESCRIPTION = "Benchmarks. Speed and memory are measured side by side in one run and printed as ratios."

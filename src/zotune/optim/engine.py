@@ -68,6 +68,8 @@ Coefficient = float | Sequence[float] | Callable[[dict], float]
 Noises = list[list[torch.Tensor]]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: elements a CPU sweep needs per perturbation worker thread (4 default blocks; see Optimizer._threads)
+MIN_ELEMENTS_PER_WORKER = 1 << 20
 
 
 class NonFiniteLoss(Exception):
@@ -653,11 +655,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         return items
 
     def _threads(self) -> int:
+        """Worker threads of a CPU sweep: 1 on GPUs and for small models, else min(4, torch's threads, cores).
+
+        A worker costs a pool dispatch per sweep and brings its own OpenMP team, so it only pays off
+        with at least ``MIN_ELEMENTS_PER_WORKER`` elements to generate (``zotune bench threads``).
+        """
         if self.num_threads is not None:
             return max(1, int(self.num_threads))
-        if any(s.data.device.type != "cpu" for s in self._slots or []):
+        slots = self._slots or []
+        if any(s.data.device.type != "cpu" for s in slots):
             return 1
-        return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1))
+        by_size = sum(s.data.numel() for s in slots) // MIN_ELEMENTS_PER_WORKER
+        return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1, by_size))
 
     def _sweep(self, seeds: Sequence[int], kernel: Callable[[Block, Noises], None]) -> None:
         """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each block."""
@@ -668,6 +677,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []), default=1)
 
         def run(worker: int) -> None:
+            with torch.no_grad():  # grad mode is per thread: a worker does not inherit the caller's no_grad
+                work(worker)
+
+        def work(worker: int) -> None:
             buffers: dict[tuple[str, int], torch.Tensor] = {}
 
             def buffer(device: torch.device, k: int) -> torch.Tensor:
