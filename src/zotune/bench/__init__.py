@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "functions": ("zotune.bench.functions", "trajectories of every optimizer on 2-D test functions"),
     "quadratic": ("zotune.bench.quadratic", "steps to 1% of the initial loss on diagonal quadratics"),
     "scale": ("zotune.bench.scale", "data-parallel throughput and bytes communicated per step"),
+    "cache": ("zotune.bench.cache", "step time with and without the frozen-bottom activation cache, per tuning mode"),
 }
 
 DESCRIPTION = "Benchmarks. Speed and memory are measured side by side in one run and printed as ratios."
