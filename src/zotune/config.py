@@ -218,8 +218,8 @@ class ModelArgs(ConfigGroup):
 
     def check(self) -> None:
         """The tuning mode must be known, and the device exist on this machine."""
-        parse_peft_mode(self.peft)
-        if self.lora_layers is not None and parse_peft_mode(self.peft)[0] != "lora":
+        parse_peft_mode(self.peft, "--peft")
+        if self.lora_layers is not None and parse_peft_mode(self.peft, "--peft")[0] != "lora":
             raise UserError(f"--lora-layers applies to --peft lora only (the mode is {self.peft!r})")
         if self.device is None:
             return

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 PEFT_MODES: tuple[str, ...] = ("full", "lora", "prefix", "final_norm", "norms", "top:K")
 
 
-def parse_peft_mode(mode: str | None) -> tuple[str, int | None, bool]:
+def parse_peft_mode(mode: str | None, what: str = "parameter mode") -> tuple[str, int | None, bool]:
     """``(name, K, head)`` of a tuning mode: ``"top:2+head"`` -> ``("top", 2, True)``.
 
     >>> parse_peft_mode("top:2"), parse_peft_mode(None)
@@ -44,7 +44,7 @@ def parse_peft_mode(mode: str | None) -> tuple[str, int | None, bool]:
         count, _, extra = key[4:].partition("+")
         if count.isdigit() and int(count) > 0 and extra in ("", "head"):
             return "top", int(count), extra == "head"
-    raise UserError(f"unknown parameter mode {mode!r}; choose one of: {', '.join(PEFT_MODES)} "
+    raise UserError(f"unknown {what} {mode!r}; choose one of: {', '.join(PEFT_MODES)} "
                     "(top:K = the top K decoder blocks and the final norm, e.g. top:2; top:2+head also the LM head)")
 
 
