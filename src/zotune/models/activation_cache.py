@@ -92,7 +92,7 @@ class DepthSplit:
         if self.num_layers == 0:
             return "decoder blocks unknown"
         if self.block >= self.num_layers:
-            return f"no trainable block (only above the {self.num_layers} blocks)"
+            return f"no trainable block: only weights above the {self.num_layers} decoder blocks (final norm, head)"
         if self.block == 0 and self.refusal is not None and "below" in self.refusal:
             return f"trainable weights below block 0 of {self.num_layers}"
         return f"lowest trainable block {self.block} of {self.num_layers}"
