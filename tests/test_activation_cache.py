@@ -323,3 +323,25 @@ def test_bench_cache_times_each_mode_off_and_on(tmp_path, capsys):
     for r in rows:
         assert r["refusal"] is None and r["uncached_s"] > 0 and r["cached_s"] > 0
         assert r["bottom_rows"] == r["examples"]  # the fill pass ran every example's bottom, once
+
+
+def test_resumed_cached_run_is_bit_identical(tmp_path):
+    """An example's bottom runs alone, so a resumed run (empty cache) recomputes the same bits."""
+    from safetensors.torch import load_file
+
+    tok = tiny_tokenizer()
+
+    def config(name: str, steps: int, resume: bool = False) -> TrainConfig:
+        return TrainConfig(task="sst2", steps=steps, batch_size=4, max_train=8, max_dev=4, max_test=4,
+                           eval_before=False, progress=False, lr=1e-2, eps=1e-2, peft="top:1", seed=3,
+                           resume=resume, output_dir=str(tmp_path / name))
+
+    def model():
+        return apply_peft(tiny_causal_lm("llama", vocab_size=len(tok), num_layers=3, seed=0), "top:1")
+
+    train(config("full", 6), model=model(), tokenizer=tok)
+    train(config("resumed", 3), model=model(), tokenizer=tok)
+    train(config("resumed", 6, resume=True), model=model(), tokenizer=tok)
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
