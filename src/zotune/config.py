@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from zotune.errors import UserError
-from zotune.models.tuning import PEFT_MODES  # defined once, beside the tuning modes
+from zotune.models.tuning import PEFT_MODES, parse_peft_mode  # defined once, beside the tuning modes
 
 
 def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
@@ -201,16 +201,26 @@ class ModelArgs(ConfigGroup):
                                    "master copy of the trainable weights)")
     device: str | None = option(None, "torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, "
                                       "else cpu; under torchrun: the rank's device)")
-    peft: str = option("full", "tuning mode: which weights train (full: all; lora/prefix: peft adapters; "
-                               "final_norm/norms: layer-norm weights only)", choices=PEFT_MODES)
+    peft: str = option("full", f"tuning mode, one of {', '.join(PEFT_MODES)}: which weights train (full: all; "
+                               "lora/prefix: peft adapters; final_norm/norms: layer-norm weights only; top:K: "
+                               "every weight of the last K decoder blocks and the final norm, top:K+head also "
+                               "the LM head)")
     lora_r: int = option(8, "LoRA rank (--peft lora)", min=1)
     lora_alpha: int = option(16, "LoRA scaling alpha (--peft lora)", min=1)
     lora_targets: list[str] | None = option(None, "module names LoRA adapts (default: peft's choice for the "
                                                   "architecture), e.g. --lora-targets q_proj v_proj")
+    lora_layers: str | None = option(None, "decoder blocks LoRA adapts (--peft lora): top:K for the last K "
+                                           "only (default: every block)")
     prefix_tokens: int = option(5, "virtual tokens of prefix tuning (--peft prefix)", min=1)
+    cache_mb: float = option(1024.0, "memory bound (MB) of the frozen-bottom activation cache: the blocks "
+                                     "below the lowest trainable weight run once per example; 0 switches it "
+                                     "off", min=0)
 
     def check(self) -> None:
-        """The device must exist on this machine."""
+        """The tuning mode must be known, and the device exist on this machine."""
+        parse_peft_mode(self.peft, "--peft")
+        if self.lora_layers is not None and parse_peft_mode(self.peft, "--peft")[0] != "lora":
+            raise UserError(f"--lora-layers applies to --peft lora only (the mode is {self.peft!r})")
         if self.device is None:
             return
         import torch

@@ -44,6 +44,7 @@ from zotune import checkpoint
 from zotune.checkpoint import load_trainable, save_trainable, trainable_state  # noqa: F401 (public here too)
 from zotune.config import PEFT_MODES, TrainConfig
 from zotune.errors import UserError
+from zotune.models.tuning import parse_peft_mode
 
 __all__ = [
     "PEFT_MODES",
@@ -61,9 +62,11 @@ __all__ = [
 ]
 
 # eps by tuning mode, MeZO's settings (arXiv 2305.17333); lr is each optimizer's ``lr_by_mode``.
-DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "final_norm": 1e-2, "norms": 1e-2}
+DEFAULT_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "final_norm": 1e-2, "norms": 1e-2, "top": 1e-3}
 #: tuning modes without published settings: lr = LoRA's lr times this factor (a few hundred weights)
 NORM_MODES_LR_FACTOR = {"final_norm": 100.0, "norms": 100.0}
+#: top:K (whole blocks, a few percent of the weights): full fine-tuning's lr times this factor
+TOP_LR_FACTOR = 10.0
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -104,10 +107,13 @@ def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
     """The optimizer's starting lr for the tuning mode: its ``lr_by_mode`` entry (the norm-only
     modes scale its LoRA entry), else its constructor's default."""
     table = getattr(optimizer_cls, "lr_by_mode", {})
-    if config.peft in table:
-        return float(table[config.peft])
-    if config.peft in NORM_MODES_LR_FACTOR and "lora" in table:
-        return float(table["lora"]) * NORM_MODES_LR_FACTOR[config.peft]
+    mode = parse_peft_mode(config.peft)[0]
+    if mode in table:
+        return float(table[mode])
+    if mode in NORM_MODES_LR_FACTOR and "lora" in table:
+        return float(table["lora"]) * NORM_MODES_LR_FACTOR[mode]
+    if mode == "top" and "full" in table:
+        return float(table["full"]) * TOP_LR_FACTOR
     import inspect
 
     return float(inspect.signature(optimizer_cls.__init__).parameters["lr"].default)
@@ -194,7 +200,8 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 #: logging settings may change)
 TRAJECTORY_FIELDS = ("model", "task", "optimizer", "lr", "eps", "batch_size", "weight_decay", "schedule",
                      "warmup_steps", "distribution", "optimizer_args", "peft", "lora_r", "lora_alpha",
-                     "lora_targets", "prefix_tokens", "objective", "template", "task_args", "k", "data_seed",
+                     "lora_targets", "lora_layers", "prefix_tokens", "objective", "template", "task_args", "k",
+                     "data_seed",
                      "max_train", "max_dev", "max_length", "seed", "dtype")
 
 
@@ -281,7 +288,8 @@ def build_model(config: TrainConfig, device: torch.device | None = None):
                         "the files are truncated or corrupt: copy or save the model again") from None
     mode = None if config.peft == "full" else config.peft
     model = apply_peft(model, mode, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                       target_modules=config.lora_targets, num_virtual_tokens=config.prefix_tokens,
+                       target_modules=config.lora_targets, lora_layers=config.lora_layers,
+                       num_virtual_tokens=config.prefix_tokens,
                        seed=config.seed)
     model.eval()
     return model, tokenizer
@@ -379,7 +387,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     config.validate()
     optimizer_cls = zo.get(config.optimizer)
     lr = config.lr if config.lr is not None else default_lr(config, optimizer_cls)
-    eps = config.eps if config.eps is not None else DEFAULT_EPS[config.peft]
+    eps = config.eps if config.eps is not None else DEFAULT_EPS[parse_peft_mode(config.peft)[0]]
     optimizer_kwargs = dict(lr=lr, eps=eps, weight_decay=config.weight_decay, seed=config.seed,
                             distribution=config.distribution, **config.optimizer_args)
     check_optimizer_args(optimizer_cls, optimizer_kwargs)  # before anything is loaded or written
@@ -418,6 +426,7 @@ class Run:
     bar: Any = None
     #: the trajectory.zot writer (main process), see :mod:`zotune.trajectory`
     trajectory: Any = None
+    cache: Any = None  #: the :class:`~zotune.models.ActivationCache`, or None when it is off
 
     @property
     def config(self) -> TrainConfig:
@@ -438,7 +447,10 @@ class Run:
         return {k: float(v) for k, v in metrics.items()}
 
     def close(self) -> None:
-        """Close the progress bar and the metrics log."""
+        """Close the progress bar and the metrics log; take the activation cache off the model."""
+        if self.cache is not None:
+            self.cache.close()  # a caller's model gets its plain forward back
+            self.cache = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -495,7 +507,19 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     run.say(f"zotune: {plan.optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
             f"{len(task.test)} test), model {model_name}, {config.peft} tuning: {trainable:,} trainable "
             f"parameters, lr {plan.resolved['lr']:g}, eps {plan.resolved['eps']:g}, batch {config.batch_size}")
+    run.cache = attach_cache(model, config, run.say)
     return run
+
+
+def attach_cache(model: torch.nn.Module, config: TrainConfig, say: Callable[..., None]) -> Any:
+    """Attach the frozen-bottom activation cache (``--cache-mb``), saying where the trainable weights
+    start and why the cache is on or off; returns the :class:`~zotune.models.ActivationCache` or None."""
+    from zotune.models import attach_activation_cache, depth_split
+
+    say(f"zotune: {depth_split(model).describe()}")
+    cache, message = attach_activation_cache(model, config.cache_mb)
+    say(f"zotune: {message}")
+    return cache
 
 
 def evaluate_before(run: Run) -> None:
@@ -609,8 +633,11 @@ def finish_run(run: Run) -> dict[str, Any]:
         "wall_clock_s": time.time() - plan.wall_start,
         "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
         "data_parallel": plan.resolved["data_parallel"],
+        "activation_cache": dict(run.cache.stats) if run.cache is not None else None,
         "config": plan.resolved,
     }
+    if run.cache is not None:
+        run.say(f"zotune: activation cache: {run.cache.summary()}")
     if plan.is_main:
         _write_results(run, results)
     if dist is not None:

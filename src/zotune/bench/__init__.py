@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scale": ("zotune.bench.scale", "data-parallel throughput and bytes communicated per step"),
     "threads": ("zotune.bench.threads", "step time per (torch threads, engine workers) pair, optionally under load"),
     "gpu-check": ("zotune.bench.gpu_check", "every CUDA path on one GPU (CPU parts without one); JSON + markdown"),
+    "cache": ("zotune.bench.cache", "step time with and without the frozen-bottom activation cache, per tuning mode"),
 }
 
 DESCRIPTION = "Benchmarks. Speed and memory are measured side by side in one run and printed as ratios."

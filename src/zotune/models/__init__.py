@@ -33,8 +33,9 @@ Modules, one per concern: :mod:`~zotune.models.dtypes` (dtype names and casts),
 :mod:`~zotune.models.arch` (what kind of model: causal/masked, normalisation layers),
 :mod:`~zotune.models.embedded` (the embedded models and their GGUF sources),
 :mod:`~zotune.models.conversion` (the on-disk conversion cache, ``save_plain_checkpoint``),
-:mod:`~zotune.models.loading` (``load_model``) and :mod:`~zotune.models.tuning` (``apply_peft``,
-``PEFT_MODES``, ``trainable_summary``). Everything is importable from ``zotune.models``.
+:mod:`~zotune.models.loading` (``load_model``), :mod:`~zotune.models.tuning` (``apply_peft``,
+``PEFT_MODES``, ``trainable_summary``) and :mod:`~zotune.models.activation_cache` (the frozen-bottom
+activation cache). Everything is importable from ``zotune.models``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 # The private names imported "as themselves" are re-exported for zotune.testing and the tests,
 # which reach them through ``zotune.models``; they are the same objects (patching
 # ``zotune.models._EMBEDDED`` patches the registry load_model reads).
+from zotune.models.activation_cache import ActivationCache, DepthSplit, attach_activation_cache, depth_split
 from zotune.models.conversion import (
     CACHE_FORMAT_VERSION,
     CACHE_MARKER,
@@ -56,7 +58,7 @@ from zotune.models.embedded import _EMBEDDED as _EMBEDDED
 from zotune.models.embedded import DEFAULT_MODEL, ModelInfo, available_models
 from zotune.models.loading import _check_no_offload as _check_no_offload
 from zotune.models.loading import load_model
-from zotune.models.tuning import PEFT_MODES, apply_peft, prefix_init_token_ids, trainable_summary
+from zotune.models.tuning import PEFT_MODES, apply_peft, parse_peft_mode, prefix_init_token_ids, trainable_summary
 from zotune.models.tuning import _default_lora_targets as _default_lora_targets
 
 __all__ = [
@@ -65,12 +67,17 @@ __all__ = [
     "DEFAULT_MODEL",
     "DTYPES",
     "PEFT_MODES",
+    "ActivationCache",
+    "DepthSplit",
     "ModelInfo",
     "apply_peft",
+    "attach_activation_cache",
     "available_models",
     "default_cache_dir",
+    "depth_split",
     "load_model",
     "model_cache_path",
+    "parse_peft_mode",
     "prefix_init_token_ids",
     "resolve_dtype",
     "save_plain_checkpoint",

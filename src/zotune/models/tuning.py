@@ -12,12 +12,75 @@ import torch
 from torch import nn
 
 from zotune.errors import UserError
-from zotune.models.arch import _final_norm, _is_causal_lm, _model_type, _norm_modules
+from zotune.models.arch import (
+    DecoderStack,
+    _final_norm,
+    _is_causal_lm,
+    _model_type,
+    _norm_modules,
+    decoder_stack,
+    supported_decoder_types,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Modes accepted by :func:`apply_peft` (``None`` means ``"full"``).
-PEFT_MODES: tuple[str, ...] = ("full", "lora", "prefix", "final_norm", "norms")
+#: Modes accepted by :func:`apply_peft` (``None`` means ``"full"``); ``top:K`` is ``top:1``, ``top:2``, ...
+#: (optionally ``top:K+head``).
+PEFT_MODES: tuple[str, ...] = ("full", "lora", "prefix", "final_norm", "norms", "top:K")
+
+
+def parse_peft_mode(mode: str | None, what: str = "parameter mode") -> tuple[str, int | None, bool]:
+    """``(name, K, head)`` of a tuning mode: ``"top:2+head"`` -> ``("top", 2, True)``.
+
+    >>> parse_peft_mode("top:2"), parse_peft_mode(None)
+    (('top', 2, False), ('full', None, False))
+
+    Raises :class:`~zotune.errors.UserError` for an unknown mode.
+    """
+    key = "full" if mode is None else str(mode).strip().lower().replace(" ", "")
+    if key in PEFT_MODES and key != "top:K":
+        return key, None, False
+    if key.startswith("top:"):
+        count, _, extra = key[4:].partition("+")
+        if count.isdigit() and int(count) > 0 and extra in ("", "head"):
+            return "top", int(count), extra == "head"
+    raise UserError(f"unknown {what} {mode!r}; choose one of: {', '.join(PEFT_MODES)} "
+                    "(top:K = the top K decoder blocks and the final norm, e.g. top:2; top:2+head also the LM head)")
+
+
+def _stack_or_refuse(model: Any, what: str) -> DecoderStack:
+    stack = decoder_stack(model)
+    if stack is None:
+        raise UserError(f"{what} needs a decoder zotune can split by depth (model types "
+                        f"{', '.join(supported_decoder_types())}); {_model_type(model)!r} is not one; "
+                        "use --peft lora, final_norm, norms or full")
+    return stack
+
+
+def top_layer_indices(model: Any, spec: str, what: str = "--lora-layers") -> list[int]:
+    """Block indices selected by ``"top:K"`` (the last K decoder blocks), checked against the model."""
+    name, count, head = parse_peft_mode(spec) if str(spec).strip().lower().startswith("top:") else ("", None, False)
+    if name != "top" or count is None or head:
+        raise UserError(f"{what} {spec!r}: use top:K, e.g. top:2 for the last two decoder blocks")
+    n = _stack_or_refuse(model, what).num_layers
+    if count > n:
+        raise UserError(f"{what} {spec!r}: the model has only {n} decoder blocks")
+    return list(range(n - count, n))
+
+
+def _apply_top(model: Any, count: int, head: bool) -> None:
+    """Train every weight of the last ``count`` blocks and the final norm (and the head if asked)."""
+    stack = _stack_or_refuse(model, f"--peft top:{count}")
+    if count > stack.num_layers:
+        raise UserError(f"--peft top:{count}: the model has only {stack.num_layers} decoder blocks")
+    model.requires_grad_(False)
+    for layer in list(stack.layers)[stack.num_layers - count:]:
+        layer.requires_grad_(True)
+    if stack.final_norm is not None:
+        stack.final_norm.requires_grad_(True)
+    if head:
+        for m in stack.top:
+            m.requires_grad_(True)
 
 
 # Default LoRA targets per model_type: MeZO's choice (query and value projections).
@@ -168,6 +231,7 @@ def apply_peft(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     target_modules: Sequence[str] | str | None = None,
+    lora_layers: str | None = None,
     num_virtual_tokens: int = 5,
     prefix_init: str = "random_tokens",
     seed: int = 0,
@@ -184,6 +248,13 @@ def apply_peft(
         ``"final_norm"``: only the final normalisation layer (576 weights on SmolLM2): a fast
             CPU demo mode.
         ``"norms"``: every normalisation layer.
+        ``"top:K"``: every weight of the last K decoder blocks and the final norm (Llama-,
+            Gemma-3- and OPT-style decoders); ``"top:K+head"`` also the LM head (with a head tied
+            to the input embedding, that trains the embedding too).
+
+    ``lora_layers="top:K"`` puts the LoRA adapters on the last K decoder blocks only. Modes
+    that leave the bottom blocks frozen let :class:`~zotune.models.activation_cache.ActivationCache`
+    compute those blocks once per example.
 
     LoRA and prefix return a peft ``PeftModel`` wrapping ``model`` (modified in place); the other
     modes return ``model`` itself. The result is in eval mode. ``seed`` fixes the LoRA A init and
@@ -194,9 +265,9 @@ def apply_peft(
     >>> [n for n, p in m.named_parameters() if p.requires_grad]
     ['model.norm.weight']
     """
-    key = "full" if mode is None else str(mode).strip().lower()
-    if key not in PEFT_MODES:
-        raise UserError(f"unknown parameter mode {mode!r}; choose one of: {', '.join(PEFT_MODES)}")
+    key, count, head = parse_peft_mode(mode)
+    if lora_layers is not None and key != "lora":
+        raise UserError(f"--lora-layers applies to --peft lora only (the mode is {key!r})")
     if hasattr(model, "peft_config"):
         raise UserError("the model already has peft adapters; apply_peft to the plain base model")
 
@@ -209,9 +280,14 @@ def apply_peft(
         model.requires_grad_(False)
         for _, m in mods:
             m.requires_grad_(True)
+    elif key == "top":
+        assert count is not None
+        _apply_top(model, count, head)
     elif key == "lora":
+        layers = top_layer_indices(model, lora_layers) if lora_layers is not None else None
         model = _apply_lora(
-            model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules, seed=seed
+            model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules, seed=seed,
+            layers=layers,
         )
     else:
         model = _apply_prefix(model, num_virtual_tokens=num_virtual_tokens, init=prefix_init, seed=seed)
@@ -219,7 +295,7 @@ def apply_peft(
     s = trainable_summary(model, max_names=0)
     logger.info(
         "mode %s: %d of %d parameters trainable (%.4f%%)",
-        key,
+        mode or "full",
         s["trainable_params"],
         s["total_params"],
         100 * s["trainable_fraction"],
@@ -228,7 +304,14 @@ def apply_peft(
 
 
 def _apply_lora(
-    model: Any, *, r: int, alpha: int, dropout: float, target_modules: Sequence[str] | str | None, seed: int
+    model: Any,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Sequence[str] | str | None,
+    seed: int,
+    layers: list[int] | None = None,
 ) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -259,6 +342,8 @@ def _apply_lora(
         bias="none",
         fan_in_fan_out=fan_in_fan_out,
         task_type=TaskType.CAUSAL_LM if _is_causal_lm(model) else None,
+        layers_to_transform=layers,
+        layers_pattern=None if layers is None else "layers",
     )
     try:
         with _wrapping_with_peft(seed):
