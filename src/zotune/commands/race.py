@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="the race directory (cells/, logs/, report)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default 1)")
     parser.add_argument("--threads", type=int, help="threads per cell (default: the cores split between --jobs)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the cells one after another in this process (no start-up cost per cell; "
+                             "peak memory is then the race's, not each cell's)")
     parser.add_argument("--print-commands", action="store_true",
                         help="print one `zotune train` command per cell and exit (nothing runs)")
     parser.add_argument("--collect", metavar="DIR", help="only build the report from the finished runs under DIR")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_commands:
         print_commands(spec, race_dir, args.threads)
         return 0
-    failed = run_cells(spec, race_dir, jobs=args.jobs, threads=args.threads,
+    failed = run_cells(spec, race_dir, jobs=args.jobs, threads=args.threads, in_process=args.in_process,
                        say=lambda m: print(m, file=sys.stderr, flush=True))
     write_report(race_dir)
     print(f"zotune race: report in {race_dir}/report.md", file=sys.stderr)

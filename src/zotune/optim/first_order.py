@@ -74,7 +74,7 @@ class FirstOrderAdamW(torch.optim.AdamW):
             loss = closure()
             self.zo_state["forwards"] += 1
             self.zo_state["step"] += 1
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 self.zo_state["skipped_steps"] += 1
                 return loss.detach()
             loss.backward()

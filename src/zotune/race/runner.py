@@ -102,13 +102,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _start(cell: Cell, race_dir: Path, threads: int) -> subprocess.Popen:
+def _resume_flag(cell: Cell, race_dir: Path, cmd: list[str]) -> list[str]:
+    """Continue a killed cell from its checkpoint, or restart one killed before its first."""
     out = cell_dir(race_dir, cell)
-    cmd = cell_command(cell, race_dir, threads, python=sys.executable)
     if (out / "checkpoint").exists():
-        cmd.append("--resume")
-    elif out.exists():
-        cmd.append("--overwrite")  # killed before its first checkpoint: start it again
+        return [*cmd, "--resume"]
+    if out.exists():
+        return [*cmd, "--overwrite"]
+    return cmd
+
+
+def _start(cell: Cell, race_dir: Path, threads: int) -> subprocess.Popen:
+    cmd = _resume_flag(cell, race_dir, cell_command(cell, race_dir, threads, python=sys.executable))
     log_dir = race_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -118,11 +123,38 @@ def _start(cell: Cell, race_dir: Path, threads: int) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
 
 
+def _run_in_process(cell: Cell, race_dir: Path, threads: int) -> int:
+    """Run one cell in this process (no start-up cost per cell); its output goes to its log."""
+    import contextlib
+    import traceback
+
+    from zotune.cli import main
+
+    cmd = _resume_flag(cell, race_dir, cell_command(cell, race_dir, threads))
+    log_dir = race_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    with open(log_dir / f"{cell.name}.log", "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        print(f"$ {shlex.join(cmd)}  (in process)", flush=True)
+        try:
+            return main(cmd[1:])
+        except Exception:
+            traceback.print_exc()
+            return 1
+
+
 def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None = None,
-              say: Callable[[str], None] = print) -> list[str]:
-    """Run every unfinished cell, ``jobs`` at a time; returns the names of cells that failed."""
+              say: Callable[[str], None] = print, in_process: bool = False) -> list[str]:
+    """Run every unfinished cell, ``jobs`` at a time; returns the names of cells that failed.
+
+    ``in_process``: run the cells one after another in this process instead of one process
+    each (saves the interpreter and library start-up per cell, e.g. for tiny models; the peak
+    memory of a cell is then the race process's peak so far, not the cell's own).
+    """
     if jobs < 1:
         raise UserError("--jobs must be >= 1")
+    if in_process and jobs != 1:
+        raise UserError("--in-process runs one cell at a time; drop --jobs or --in-process")
     check_race_dir(race_dir)
     cells = spec.cells()
     check_cells_match(race_dir, cells)
@@ -137,6 +169,13 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
     queue = list(pending)
     try:
         while queue or running:
+            while in_process and queue:
+                cell, started = queue.pop(0), time.time()
+                rc = _run_in_process(cell, race_dir, threads)
+                done += 1
+                failed += [cell.name] if rc else []
+                status = "done" if rc == 0 else f"FAILED (exit {rc}; see logs/{cell.name}.log)"
+                say(f"zotune race: [{done}/{len(cells)}] {cell.name}: {status} in {time.time() - started:.0f} s")
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
                 running[cell.name] = (_start(cell, race_dir, threads), time.time())
