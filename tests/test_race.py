@@ -238,3 +238,38 @@ def test_first_order_adamw_backpropagates_and_keeps_weights_on_nan():
     again = FirstOrderAdamW(model, lr=0.05)
     again.load_state_dict(opt.state_dict())
     assert again.zo_state["forwards"] == 4
+
+
+def test_forwards_and_seconds_budgets_stop_the_loop_and_evaluate_there(tmp_path):
+    from zotune.train import TrainConfig, train
+
+    tok = tiny_tokenizer()
+    for budget, expected_steps in (({"max_forwards": 5}, 3), ({"max_seconds": 1e-9}, 1)):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        model = tiny_causal_lm("llama", vocab_size=len(tok))
+        config = TrainConfig(task="sst2", optimizer="zosgd", peft="final_norm", steps=UNBOUNDED_STEPS,
+                             eval_every=100, batch_size=4, max_dev=4, max_test=4, output_dir=str(out),
+                             progress=False, eval_before=False, **budget)
+        results = train(config, model=model, tokenizer=tok)
+        assert results["steps"] == expected_steps and results["forwards"] == 2 * expected_steps
+        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line]
+        assert [(e["step"], e["forwards"]) for e in evals] == [(expected_steps, 2 * expected_steps)]
+        assert evals[0]["seconds"] == pytest.approx(results["train_seconds"])
+
+
+def test_icl_demonstrations_are_solved_training_examples_before_dev_and_test_prompts():
+    from zotune.errors import UserError
+    from zotune.tasks import get_task
+
+    plain = get_task("sst2", data_seed=13, max_test=4)
+    icl = get_task("sst2", data_seed=13, max_test=4, demonstrations=4)
+    context = icl.dev[0].prompt[: -len(plain.dev[0].prompt)]
+    demos = context.split("\n\n")[:-1]
+    assert len(demos) == 4 and all(ex.prompt == context + p.prompt for ex, p in zip(icl.test, plain.test, strict=True))
+    solved = {ex.prompt + ex.candidates[ex.gold] for ex in plain.train}
+    assert set(demos) <= solved and sum(d.endswith(" great") for d in demos) == 2  # balanced over the labels
+    assert [ex.prompt for ex in icl.train] == [ex.prompt for ex in plain.train]
+    assert get_task("sst2", data_seed=13, demonstrations=4).dev[0].prompt == icl.dev[0].prompt  # seeded
+    with pytest.raises(UserError, match="demonstrations"):
+        get_task("sst2", demonstrations=-1)
