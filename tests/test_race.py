@@ -57,7 +57,7 @@ def stable(summary_path: Path) -> dict:
 
 
 def test_grid_expands_from_yaml_and_flags(tmp_path, tiny_model_dir):
-    from zotune.commands.train import load_config_file
+    from zotune.config import load_config_file
 
     yaml = tmp_path / "race.yaml"
     yaml.write_text("tasks: [sst2, rte]\noptimizers: [zosgd, adamw]\nseeds: [1, 2]\nsteps: 5\n"
