@@ -273,3 +273,15 @@ def test_icl_demonstrations_are_solved_training_examples_before_dev_and_test_pro
     assert get_task("sst2", data_seed=13, demonstrations=4).dev[0].prompt == icl.dev[0].prompt  # seeded
     with pytest.raises(UserError, match="demonstrations"):
         get_task("sst2", demonstrations=-1)
+
+
+def test_a_cell_directory_from_other_settings_is_refused_before_anything_runs(tmp_path, capsys, tiny_model_dir):
+    race = tmp_path / "race"
+    stale = race / "cells" / "sst2__final_norm__zosgd__lr0.01__s13"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text(json.dumps({"task": "sst2", "lr": 0.5, "optimizer": "ZOSGD", "seed": 13}))
+    assert main(["race", "--model", str(tiny_model_dir), "--tasks", "sst2", "--optimizers", "zosgd", "--seeds", "13",
+                 "--steps", "2", "--lr", "zosgd=0.01", "--output-dir", str(race), "--in-process"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings (lr)" in err and "\n" not in err
+    assert sorted(p.name for p in race.iterdir()) == ["cells"] and not (race / "logs").exists()
