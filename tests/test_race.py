@@ -285,3 +285,18 @@ def test_a_cell_directory_from_other_settings_is_refused_before_anything_runs(tm
     err = capsys.readouterr().err.strip()
     assert "other settings (lr)" in err and "\n" not in err
     assert sorted(p.name for p in race.iterdir()) == ["cells"] and not (race / "logs").exists()
+
+
+def test_a_run_without_dev_evaluations_times_its_final_one_and_one_seed_has_no_std(tmp_path):
+    from zotune.race.report import read_cell
+
+    run = tmp_path / "cell"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({
+        "task": "sst2", "optimizer": "ZOSGD", "peft": "full", "steps": 2, "forwards": 4, "train_seconds": 3.5,
+        "peak_memory_mb": 10.0, "after": {"dev": {"accuracy": 0.75}, "test": {"accuracy": 0.5}},
+        "config": {"steps": 2, "lr": 1e-6, "seed": 1}}))
+    cell = read_cell(run)
+    assert cell["evals"] == [{"step": 2, "seconds": 3.5, "forwards": 4, "dev": 0.75}]
+    row = summarize([cell])["rows"][0]
+    assert row["target_reached"] == 1 and row["test_mean"] == 0.5 and row["test_std"] is None

@@ -61,12 +61,16 @@ def read_cell(directory: Path) -> dict[str, Any]:
             dev = _primary({k[4:]: v for k, v in rec.items() if k.startswith("dev_")})
             evals.append({"step": step, "seconds": float(rec["seconds"]), "forwards": int(rec["forwards"]),
                           "dev": dev})
+    dev_after = _primary(results["after"].get("dev"))
+    if kind == "train" and not evals:  # no dev evaluation during the run (eval_every 0): the final one
+        evals.append({"step": results["steps"], "seconds": float(results.get("train_seconds") or 0.0),
+                      "forwards": int(results["forwards"]), "dev": dev_after})
     return {
         "name": directory.name, "task": results["task"], "kind": kind,
         "optimizer": results["optimizer"] if kind == "train" else kind,
         "peft": results["peft"] if kind == "train" else "-", "lr": config.get("lr") if kind == "train" else None,
         "seed": config.get("seed"), "demonstrations": demos,
-        "dev": _primary(results["after"].get("dev")), "test": _primary(results["after"].get("test")),
+        "dev": dev_after, "test": _primary(results["after"].get("test")),
         "steps": results["steps"], "forwards": results["forwards"],
         "train_seconds": results.get("train_seconds"), "peak_memory_mb": results.get("peak_memory_mb"),
         "evals": evals,
@@ -87,7 +91,8 @@ def _mean_std(values: Iterable[float | None]) -> tuple[float | None, float | Non
     xs = [v for v in values if v is not None and math.isfinite(v)]
     if not xs:
         return None, None, 0
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, len(xs)
+    # sample std; undefined (None, shown without "±") for a single seed
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else None, len(xs)
 
 
 def choose_lr(runs: list[dict[str, Any]]) -> tuple[float, bool, dict[float, float]]:
