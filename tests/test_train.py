@@ -111,6 +111,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert resumed["steps"] == 6
     final = json.loads((tmp_path / "full" / "checkpoint" / "loop.json").read_text())
     again = json.loads((tmp_path / "resumed" / "checkpoint" / "loop.json").read_text())
+    assert final.pop("train_seconds") > 0 and again.pop("train_seconds") > 0  # wall-clock, not trajectory
     assert final == again
     from safetensors.torch import load_file
 
