@@ -175,11 +175,17 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: int | None = None) -> str:
-    """The report as a markdown document (one table per task, then every cell's memory)."""
+def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: list[str] | None = None) -> str:
+    """The report as a markdown document (one table per task, then every cell's memory).
+
+    ``expected``: the cell names of the race's grid (race.json), to say how many finished.
+    """
     lines = ["# zotune race", ""]
-    if expected is not None and expected != len(cells):
-        lines += [f"**{len(cells)} of {expected} cells finished**; rows below use the finished ones.", ""]
+    if expected is not None:
+        done = len({c["name"] for c in cells} & set(expected))
+        if done != len(expected):
+            lines += [f"**{done} of the grid's {len(expected)} cells finished**; the rows use every finished run "
+                      "in the directory.", ""]
     target = summary["target"]
     goal = f"{target:g}" if isinstance(target, (int, float)) else f"{target}'s mean dev at its chosen lr"
     lines += ["Test metric of the lr chosen by dev (mean ± std over seeds). Time to target: until dev reaches "
@@ -232,7 +238,7 @@ def write_report(root: Path, output: Path | None = None, target: str | float | N
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(cells)
-        (output / "report.md").write_text(markdown(summary, cells, len(info["cells"]) if info else None))
+        (output / "report.md").write_text(markdown(summary, cells, info.get("cells")))
     except OSError as e:
         raise UserError(f"cannot write the report into {output} ({e.strerror}); pass another --report-dir") from None
     from zotune.race.plots import plot_race

@@ -178,6 +178,9 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
                 say(f"zotune race: [{done}/{len(cells)}] {cell.name}: {status} in {time.time() - started:.0f} s")
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
+                if is_finished(cell_dir(race_dir, cell)):  # finished meanwhile (another race on this directory)
+                    done += 1
+                    continue
                 running[cell.name] = (_start(cell, race_dir, threads), time.time())
             time.sleep(0.1)
             for name, (proc, started) in list(running.items()):
