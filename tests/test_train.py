@@ -195,7 +195,7 @@ def test_cli_resume_takes_the_saved_settings_and_refuses_changed_ones(tmp_path, 
     ("argv", "message"),
     [
         (["train", "--task", "no-such-task"], "unknown task"),
-        (["train", "--optimizer", "adamw"], "unknown optimizer"),
+        (["train", "--optimizer", "adamx"], "unknown optimizer"),
         (["train", "--peft", "qlora"], "unknown --peft"),
         (["train", "--model", "/no/such/model/dir"], "not found"),
         (["train", "--config", "/no/such.yaml"], "does not exist"),
