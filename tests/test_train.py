@@ -111,6 +111,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert resumed["steps"] == 6
     final = json.loads((tmp_path / "full" / "checkpoint" / "loop.json").read_text())
     again = json.loads((tmp_path / "resumed" / "checkpoint" / "loop.json").read_text())
+    assert final.pop("train_seconds") > 0 and again.pop("train_seconds") > 0  # wall-clock, not trajectory
     assert final == again
     from safetensors.torch import load_file
 
@@ -194,7 +195,7 @@ def test_cli_resume_takes_the_saved_settings_and_refuses_changed_ones(tmp_path, 
     ("argv", "message"),
     [
         (["train", "--task", "no-such-task"], "unknown task"),
-        (["train", "--optimizer", "adamw"], "unknown optimizer"),
+        (["train", "--optimizer", "adamx"], "unknown optimizer"),
         (["train", "--peft", "qlora"], "unknown --peft"),
         (["train", "--model", "/no/such/model/dir"], "not found"),
         (["train", "--config", "/no/such.yaml"], "does not exist"),

@@ -21,6 +21,7 @@ from zotune.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("zotune.commands.train", "fine-tune a language model with a zeroth-order optimizer"),
     "eval": ("zotune.commands.evaluate", "evaluate a model or checkpoint on a task"),
+    "race": ("zotune.commands.race", "run a grid of training runs and report who reaches what first"),
     "plot": ("zotune.commands.plot", "plot training curves of one or more runs"),
     "tasks": ("zotune.commands.listing", "list the available tasks"),
     "models": ("zotune.commands.listing", "list the embedded models and what they need"),

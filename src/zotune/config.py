@@ -264,8 +264,13 @@ class TaskArgs(ConfigGroup):
 class OptimizerArgs(ConfigGroup):
     """optimizer and schedule"""
 
-    optimizer: str = option("zosgd", "optimizer name or alias (see `zotune optimizers`)")
+    optimizer: str = option("zosgd", "optimizer name or alias (see `zotune optimizers`), or adamw: the "
+                                     "first-order baseline (backprop)")
     steps: int = option(100, "number of optimizer steps", min=0)
+    max_forwards: int = option(0, "also stop once the optimizer has run this many forward passes (0: no limit)",
+                               min=0)
+    max_seconds: float = option(0.0, "also stop after this many seconds inside optimizer steps, evaluation "
+                                     "excluded (0: no limit)", min=0)
     batch_size: int = option(16, "examples per step (global, split across data-parallel ranks)", min=1)
     lr: float | None = option(None, "learning rate (default: the setting the MeZO, ZO-Bench, HiZOO or "
                                     "ZO-AdaMU papers publish for the optimizer and tuning mode)", min=0)

@@ -119,6 +119,20 @@ def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
     return float(inspect.signature(optimizer_cls.__init__).parameters["lr"].default)
 
 
+def resolve_optimizer(name: str) -> type:
+    """The optimizer class for ``name``: a ZO optimizer, or a first-order baseline (``adamw``)."""
+    import zotune.optim as zo
+    from zotune.optim.first_order import get_first_order
+
+    return get_first_order(name) or zo.get(name)
+
+
+def budget_spent(config: TrainConfig, forwards: int, seconds: float) -> bool:
+    """Whether the forwards or seconds budget (``--max-forwards``, ``--max-seconds``) is used up."""
+    return bool((config.max_forwards and forwards >= config.max_forwards)
+                or (config.max_seconds and seconds >= config.max_seconds))
+
+
 def check_optimizer_args(optimizer_cls: type, kwargs: dict[str, Any]) -> None:
     """Refuse unknown or invalid optimizer arguments (``--opt``) with one clear message.
 
@@ -381,11 +395,10 @@ def data_parallel_info(dist, batch_size: int, *, announce: bool = True) -> dict[
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Resolve the defaults (lr, eps by optimizer and mode) and run every check that reads only."""
-    import zotune.optim as zo
     from zotune.distributed import init_distributed
 
     config.validate()
-    optimizer_cls = zo.get(config.optimizer)
+    optimizer_cls = resolve_optimizer(config.optimizer)
     lr = config.lr if config.lr is not None else default_lr(config, optimizer_cls)
     eps = config.eps if config.eps is not None else DEFAULT_EPS[parse_peft_mode(config.peft)[0]]
     optimizer_kwargs = dict(lr=lr, eps=eps, weight_decay=config.weight_decay, seed=config.seed,
@@ -484,7 +497,10 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     if dist is not None:
         dist.barrier()
 
-    loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None}
+    # train_seconds: time inside optimizer steps only (not evaluation), carried across --resume;
+    # every eval record logs it with the forwards so far (time-to-target in `zotune race`)
+    loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None,
+            "train_seconds": 0.0}
     if config.resume:
         loop.update(checkpoint.load_checkpoint(out, model, optimizer, scheduler, repair=plan.is_main))
         if plan.is_main:
@@ -531,7 +547,8 @@ def evaluate_before(run: Run) -> None:
     loop["before"] = {"dev": before}
     if run.task.test:
         loop["before"]["test"] = run.evaluate(run.task.test, "test")
-    run.log.write({"kind": "eval", "step": 0, **{f"dev_{k}": v for k, v in before.items()}})
+    run.log.write({"kind": "eval", "step": 0, "seconds": 0.0, "forwards": 0,
+                   **{f"dev_{k}": v for k, v in before.items()}})
     run.say(f"zotune: before training: dev {_fmt(before)}"
             + (f", test {_fmt(loop['before']['test'])}" if run.task.test else ""))
 
@@ -544,7 +561,7 @@ def run_steps(run: Run) -> None:
 
         run.bar = tqdm(total=config.steps, initial=loop["step"], desc="zo-train", unit="step", dynamic_ncols=True,
                        mininterval=1.0, file=sys.stderr)
-    while loop["step"] < config.steps:
+    while loop["step"] < config.steps and not _out_of_budget(run):
         step = loop["step"]
         batch = [run.task.train[i] for i in batch_indices(len(run.task.train), config.batch_size, step, config.seed)]
         local = dist.shard(batch) if dist is not None else batch
@@ -558,8 +575,9 @@ def run_steps(run: Run) -> None:
             run.trajectory.append(run.optimizer.last_step_record)
         run.scheduler.step()
         run.step_times.append(time.perf_counter() - t0)
+        loop["train_seconds"] += run.step_times[-1]
         loop["step"] = step + 1
-        if loop["step"] % config.log_every == 0 or loop["step"] == config.steps:
+        if loop["step"] % config.log_every == 0 or loop["step"] == config.steps or _out_of_budget(run):
             zo_state = run.optimizer.zo_state
             run.log.write({"kind": "train", "step": loop["step"], "loss": loss,
                            "lr": run.optimizer.param_groups[0]["lr"],
@@ -576,14 +594,20 @@ def run_steps(run: Run) -> None:
         run.bar = None
 
 
+def _out_of_budget(run: Run) -> bool:
+    return budget_spent(run.config, run.optimizer.zo_state["forwards"], run.loop["train_seconds"])
+
+
 def evaluate_and_checkpoint(run: Run) -> None:
     """After a step: evaluate dev when due (keeping the best weights in best/, counting
     evaluations without gain for --early-stop), then write the checkpoint when due."""
     config, loop, out = run.config, run.loop, run.plan.out
-    due = config.eval_every and (loop["step"] % config.eval_every == 0 or loop["step"] == config.steps)
+    due = config.eval_every and (loop["step"] % config.eval_every == 0 or loop["step"] == config.steps
+                                 or _out_of_budget(run))
     if due:
         dev = run.evaluate(run.task.dev, "dev")
-        run.log.write({"kind": "eval", "step": loop["step"], **{f"dev_{k}": v for k, v in dev.items()}})
+        run.log.write({"kind": "eval", "step": loop["step"], "seconds": loop["train_seconds"],
+                       "forwards": run.optimizer.zo_state["forwards"], **{f"dev_{k}": v for k, v in dev.items()}})
         score = _primary(dev)
         if loop["best"] is None or score > loop["best"]:
             loop.update(best=score, best_step=loop["step"], evals_without_gain=0)
@@ -630,6 +654,7 @@ def finish_run(run: Run) -> dict[str, Any]:
         "before": loop["before"],
         "after": final,
         "seconds_per_step": float(np.median(run.step_times)) if run.step_times else None,
+        "train_seconds": loop["train_seconds"],
         "wall_clock_s": time.time() - plan.wall_start,
         "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
         "data_parallel": plan.resolved["data_parallel"],

@@ -545,6 +545,7 @@ def get_task(
     max_test: int | None = 1000,
     data_dir: str | Path | None = None,
     template: str | None = None,
+    demonstrations: int = 0,
     **custom_options: Any,
 ) -> Task:
     """Build a task by name (case-insensitive; ``"SST-2"``, ``"sst-2"`` and ``"sst2"`` are the same).
@@ -564,6 +565,8 @@ def get_task(
         data_dir: folder laid out like ``zotune/data`` whose files take precedence over the
             shipped ones (required for DROP).
         template: a template name (``available_tasks()`` lists them per task); default is the first.
+        demonstrations: in-context learning: prefix every dev/test prompt with this many solved
+            training examples (see :mod:`zotune.tasks.demonstrations`); 0 = none.
 
     Returns:
         a :class:`Task` with ``train`` / ``dev`` / ``test`` lists of :class:`Example`.
@@ -579,6 +582,16 @@ def get_task(
         raise UserError(f"k must be a positive integer, got {k!r}")
     if not isinstance(data_seed, int) or isinstance(data_seed, bool):
         raise UserError(f"data_seed must be an integer, got {data_seed!r}")
+    if not isinstance(demonstrations, int) or isinstance(demonstrations, bool) or demonstrations < 0:
+        raise UserError(f"demonstrations must be an integer >= 0, got {demonstrations!r}")
+    if demonstrations:
+        from zotune.tasks.demonstrations import with_demonstrations
+
+        task = get_task(name, k=k, data_seed=data_seed, max_train=max_train, max_dev=max_dev, max_test=max_test,
+                        data_dir=data_dir, template=template, **custom_options)
+        with_demonstrations(task, demonstrations, data_seed)
+        task.train  # noqa: B018  (load now, as below)
+        return task
     if canonical == "custom":
         from zotune.tasks.custom import custom_task
 

@@ -1,0 +1,260 @@
+"""The race grid: tasks x optimizers x tuning modes x lr grid x seeds x one budget, as cells.
+
+A grid comes from a suite (:mod:`zotune.race.suites`), a YAML file and flags, in that order
+of precedence (later wins). Every cell is one ordinary ``zotune train`` run with its own
+output directory, described by the :class:`~zotune.train.TrainConfig` options it passes.
+
+Budget: exactly one of ``steps``, ``forwards`` or ``seconds`` per race. ``forwards`` and
+``seconds`` become ``--max-forwards`` / ``--max-seconds`` (with an effectively unbounded
+``--steps``); seconds count only time inside optimizer steps, not evaluation.
+
+Seeds: each seed is both the data seed (which LM-BFF split / MeZO sample) and the seed of the
+directions and batch order, as in the papers' tables (one run per data seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zotune.errors import UserError
+
+#: ``steps`` of a cell whose budget is forwards or seconds (the loop stops on the budget first)
+UNBOUNDED_STEPS = 10**9
+BUDGET_KINDS = ("steps", "forwards", "seconds")
+BASELINES = ("zeroshot", "icl")
+#: demonstrations in the ICL baseline's prompt unless the grid says otherwise (LM-BFF k = 16)
+DEFAULT_DEMONSTRATIONS = 16
+#: what a race grid may set; ``train`` holds any other ``zotune train`` option for every cell
+GRID_KEYS = ("suite", "budget_preset", "model", "tasks", "optimizers", "peft", "seeds", "steps", "forwards",
+             "seconds", "eval_every", "lr", "baselines", "icl_demonstrations", "target", "train")
+
+#: Learning-rate grids per optimizer (class name) and tuning mode. Full/LoRA/prefix rows follow
+#: the papers' grids (MeZO Table 15 and its OPT script, ZO-Bench sweeps, HiZOO, ZO-AdaMU
+#: Appendix B; docs/methods.md); final_norm/norms (576 / 35k norm weights, no paper grid)
+#: bracket the lr measured best for the demo (2e-2, docs/demo.md). First-order AdamW: MeZO's
+#: FT-Adam grid for full tuning; for the norm modes a bracket of common fine-tuning rates.
+LR_GRIDS: dict[str, dict[str, list[float]]] = {
+    "ZOSGD": {"full": [1e-7, 1e-6, 1e-5], "lora": [1e-5, 5e-5, 1e-4], "prefix": [1e-3, 5e-3, 1e-2],
+              "final_norm": [1e-2, 3e-2], "norms": [1e-3, 3e-3]},
+    "ZOAdam": {"full": [1e-6, 1e-5, 1e-4], "lora": [1e-5, 1e-4, 1e-3], "prefix": [1e-4, 1e-3, 1e-2],
+               "final_norm": [1e-2, 3e-2], "norms": [1e-3, 3e-3]},
+    "HiZOO": {"full": [1e-7, 1e-6, 1e-5], "lora": [1e-5, 5e-5, 1e-4], "prefix": [1e-3, 5e-3, 1e-2],
+              "final_norm": [1e-2, 3e-2], "norms": [1e-3, 3e-3]},
+    "ZOAdaMU": {"full": [1e-6, 1e-4, 1e-2], "lora": [1e-3, 1e-2], "prefix": [1e-5, 1e-4, 1e-3],
+                "final_norm": [1e-2, 3e-2], "norms": [1e-3, 3e-3]},
+    "FirstOrderAdamW": {"full": [1e-5, 5e-5, 8e-5], "lora": [1e-4, 5e-4, 1e-3], "prefix": [1e-3, 1e-2],
+                        "final_norm": [3e-3, 1e-2], "norms": [1e-3, 3e-3]},
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the race: its directory name, what it is, and its ``zotune train`` options."""
+
+    name: str
+    kind: str  # "train", "zeroshot" or "icl"
+    options: dict[str, Any]
+
+    def argv(self, output_dir: Path | str) -> list[str]:
+        """``zotune train`` arguments (after ``train``) that run this cell into ``output_dir``."""
+        return [*options_to_flags(self.options), "--output-dir", str(output_dir)]
+
+
+@dataclass
+class RaceSpec:
+    """A race grid; :meth:`cells` expands it. Build it with :func:`build_spec`."""
+
+    model: str = "smollm2-135m"
+    tasks: list[str] = field(default_factory=list)
+    optimizers: list[str] = field(default_factory=list)
+    peft: list[str] = field(default_factory=lambda: ["final_norm"])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    budget_kind: str = "steps"
+    budget: float = 0
+    eval_every: int = 0
+    lr: dict[str, Any] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=list)
+    icl_demonstrations: int = 0
+    target: str | float = "zosgd"
+    train: dict[str, Any] = field(default_factory=dict)
+    suite: str | None = None
+    budget_preset: str | None = None
+
+    def lr_grid(self, optimizer_cls: type, peft: str) -> list[float]:
+        """The lr grid of one optimizer x mode: the race's own (``lr:``) or :data:`LR_GRIDS`."""
+        for key in (optimizer_cls.__name__, *getattr(optimizer_cls, "aliases", ())):
+            for given, grid in self.lr.items():
+                if _norm(given) == _norm(key):
+                    grid = grid.get(peft) if isinstance(grid, dict) else grid
+                    if grid is not None:
+                        return [float(x) for x in (grid if isinstance(grid, list) else [grid])]
+        table = LR_GRIDS.get(optimizer_cls.__name__, {})
+        if peft in table:
+            return list(table[peft])
+        from zotune.train import TrainConfig, default_lr
+
+        return [default_lr(TrainConfig(peft=peft), optimizer_cls)]
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the grid, task by task (baselines first), in a stable order."""
+        from zotune.train import resolve_optimizer
+
+        out: list[Cell] = []
+        common = {"model": self.model, "eval_every": self.eval_every, "progress": False, **self.train}
+        for task in self.tasks:
+            for seed in self.seeds:
+                base = {**common, "task": task, "seed": seed, "data_seed": seed, "steps": 0}
+                if "zeroshot" in self.baselines:
+                    out.append(Cell(f"{task}__zeroshot__s{seed}", "zeroshot", {**base, "peft": "full"}))
+                if "icl" in self.baselines:
+                    demos = self.icl_demonstrations or DEFAULT_DEMONSTRATIONS
+                    opts = {**base, "peft": "full",
+                            "task_args": {**self.train.get("task_args", {}), "demonstrations": demos}}
+                    out.append(Cell(f"{task}__icl{demos}__s{seed}", "icl", opts))
+            for peft in self.peft:
+                for name in self.optimizers:
+                    cls = resolve_optimizer(name)
+                    for lr in self.lr_grid(cls, peft):
+                        for seed in self.seeds:
+                            opts = {**common, "task": task, "peft": peft, "optimizer": name, "lr": lr,
+                                    "seed": seed, "data_seed": seed, **self.budget_options()}
+                            opts.setdefault("save_every", self.eval_every)  # a killed cell resumes
+                            out.append(Cell(f"{task}__{peft}__{_norm(name)}__lr{lr:g}__s{seed}", "train", opts))
+        return out
+
+    def budget_options(self) -> dict[str, Any]:
+        if self.budget_kind == "steps":
+            return {"steps": int(self.budget)}
+        if self.budget_kind == "forwards":
+            return {"steps": UNBOUNDED_STEPS, "max_forwards": int(self.budget)}
+        return {"steps": UNBOUNDED_STEPS, "max_seconds": float(self.budget)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_ ]", "", str(name).lower())
+
+
+def options_to_flags(options: dict[str, Any]) -> list[str]:
+    """TrainConfig options as ``zotune train`` flags (the inverse of its argument parser)."""
+    import json
+
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value, sort_keys=True)]
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
+
+
+def build_spec(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RaceSpec:
+    """Suite preset < YAML values < flags; validates everything before any cell runs."""
+    from zotune.race.suites import suite_values
+
+    for source in (file_values, flag_values):
+        unknown = sorted(set(source) - set(GRID_KEYS))
+        if unknown:
+            raise UserError(f"unknown race grid keys {unknown}; valid keys: {', '.join(GRID_KEYS)}")
+    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    values: dict[str, Any] = {}
+    if merged.get("suite"):
+        values.update(suite_values(merged["suite"], merged.get("budget_preset") or "quick"))
+    given_budget = [k for k in BUDGET_KINDS if merged.get(k) is not None]
+    if given_budget:  # a budget given in the file or flags replaces the suite's
+        for k in BUDGET_KINDS:
+            values.pop(k, None)
+    if isinstance(values.get("train"), dict) and isinstance(merged.get("train"), dict):
+        merged["train"] = {**values["train"], **merged["train"]}
+    values.update({k: v for k, v in merged.items() if v is not None})
+    return _validate(values)
+
+
+def _as_list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _validate(values: dict[str, Any]) -> RaceSpec:
+    """Check the grid: names exist, it is not empty, the budget is one positive number."""
+    from zotune.tasks import canonical_task_name
+    from zotune.train import PEFT_MODES, TrainConfig, resolve_optimizer
+
+    tasks = _as_list(values.get("tasks"), "tasks")
+    optimizers = _as_list(values.get("optimizers"), "optimizers")
+    baselines = _as_list(values.get("baselines"), "baselines")
+    for task in tasks:
+        canonical_task_name(task)  # raises a UserError naming the valid tasks
+    for name in optimizers:
+        resolve_optimizer(name)  # raises a UserError naming the optimizers
+    peft = _as_list(values.get("peft", ["final_norm"]), "peft")
+    for mode in peft:
+        if mode not in PEFT_MODES:
+            raise UserError(f"unknown tuning mode {mode!r} in the race grid; choose from {', '.join(PEFT_MODES)}")
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise UserError(f"unknown baselines {bad}; choose from {', '.join(BASELINES)}")
+    try:
+        seeds = [int(s) for s in _as_list(values.get("seeds", [42]), "seeds")]
+    except ValueError:
+        raise UserError(f"seeds must be integers, got {values.get('seeds')!r}") from None
+    if not tasks or not seeds or not (optimizers or baselines) or (optimizers and not peft):
+        raise UserError("the race grid is empty: give at least one task (--tasks), one seed (--seeds) and one "
+                        "optimizer (--optimizers) or baseline (--baselines), or a --suite")
+    budget = {k: values[k] for k in BUDGET_KINDS if values.get(k) is not None}
+    if optimizers and len(budget) != 1:
+        raise UserError("give the race budget as exactly one of --steps, --forwards or --seconds"
+                        + (f" (got {', '.join(budget)})" if budget else ""))
+    kind, amount = next(iter(budget.items())) if budget else ("steps", 0)
+    try:
+        amount = float(amount)
+    except (TypeError, ValueError):
+        raise UserError(f"the race budget --{kind} must be a number, got {amount!r}") from None
+    if optimizers and not amount > 0:
+        raise UserError(f"the race budget --{kind} must be > 0, got {amount:g}")
+    train = dict(values.get("train") or {})
+    reserved = {"task", "optimizer", "lr", "seed", "data_seed", "peft", "output_dir", "resume", "overwrite",
+                "steps", "max_forwards", "max_seconds"}
+    clash = sorted(set(train) & reserved)
+    if clash:
+        raise UserError(f"train options {clash} are set by the race grid itself; use tasks/optimizers/peft/"
+                        "seeds/lr and the budget instead")
+    TrainConfig.from_dict(train)  # unknown option names fail here, with the valid ones listed
+    eval_every = int(values.get("eval_every") or 0)
+    if eval_every < 0:
+        raise UserError("--eval-every must be >= 0")
+    lr = values.get("lr") or {}
+    if not isinstance(lr, dict):
+        raise UserError("the race's lr grid must map optimizer names to lists of learning rates "
+                        "(--lr zosgd=1e-3,1e-2)")
+    for name in lr:
+        resolve_optimizer(name)
+    target = values.get("target", "zosgd")
+    if isinstance(target, str):
+        try:
+            target = float(target)
+        except ValueError:
+            resolve_optimizer(target)
+    return RaceSpec(model=str(values.get("model", "smollm2-135m")), tasks=[str(t) for t in tasks],
+                    optimizers=[str(o) for o in optimizers], peft=peft, seeds=seeds, budget_kind=kind,
+                    budget=amount, eval_every=eval_every, lr=lr, baselines=baselines,
+                    icl_demonstrations=int(values.get("icl_demonstrations") or 0), target=target, train=train,
+                    suite=values.get("suite"), budget_preset=values.get("budget_preset"))

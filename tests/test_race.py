@@ -1,0 +1,302 @@
+"""`zotune race` on a tiny random model: grids, resume after SIGKILL, commands + collect, the report's rules.
+
+Cells run in process (``--in-process``) so that a test pays the library start-up once; the
+runner's subprocess path is the same command line (``zotune train ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zotune.cli import main
+from zotune.optim.first_order import FirstOrderAdamW
+from zotune.race.grid import UNBOUNDED_STEPS, build_spec
+from zotune.race.report import VOLATILE, markdown, summarize, time_to_target
+from zotune.testing import tiny_causal_lm, tiny_tokenizer
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-race-model")
+    tok = tiny_tokenizer()
+    tiny_causal_lm("llama", vocab_size=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def race_yaml(path: Path, model: Path) -> Path:
+    """Four ZO-SGD cells (2 lrs x 2 seeds) of 6 steps on SST-2, dev every 2 steps, checkpoints every 2."""
+    path.write_text(f"model: {model}\ntasks: [sst2]\noptimizers: [zosgd]\npeft: [final_norm]\nseeds: [13, 42]\n"
+                    "steps: 6\neval_every: 2\nlr: {zosgd: [0.001, 0.3]}\n"
+                    "train: {batch_size: 4, max_dev: 8, max_test: 8, eps: 0.01}\n")
+    return path
+
+
+def stable(summary_path: Path) -> dict:
+    """summary.json without what depends on the machine's speed (seconds) or memory."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if not any(w in k for w in VOLATILE)}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return strip(json.loads(summary_path.read_text()))
+
+
+def test_grid_expands_from_yaml_and_flags(tmp_path, tiny_model_dir):
+    from zotune.config import load_config_file
+
+    yaml = tmp_path / "race.yaml"
+    yaml.write_text("tasks: [sst2, rte]\noptimizers: [zosgd, adamw]\nseeds: [1, 2]\nsteps: 5\n"
+                    "lr: {zosgd: [0.001, 0.01]}\nbaselines: [zeroshot]\ntrain: {batch_size: 4}\n")
+    spec = build_spec(load_config_file(str(yaml)), {"seeds": "7", "train": {"batch_size": 4, "max_test": 8}})
+    cells = spec.cells()
+    names = [c.name for c in cells]
+    # per task: zero-shot, 2 ZO-SGD lrs, AdamW's documented final_norm grid (2 lrs); seed 7 from the flag
+    assert names[:5] == ["sst2__zeroshot__s7", "sst2__final_norm__zosgd__lr0.001__s7",
+                         "sst2__final_norm__zosgd__lr0.01__s7", "sst2__final_norm__adamw__lr0.003__s7",
+                         "sst2__final_norm__adamw__lr0.01__s7"]
+    assert len(cells) == 10 and names[5] == "rte__zeroshot__s7"
+    train_cell = cells[1]
+    assert train_cell.options["batch_size"] == 4 and train_cell.options["max_test"] == 8
+    assert train_cell.options["steps"] == 5 and train_cell.options["seed"] == train_cell.options["data_seed"] == 7
+    assert cells[0].options["steps"] == 0
+    argv = train_cell.argv("out")
+    assert argv[argv.index("--lr") + 1] == "0.001" and argv[-2:] == ["--output-dir", "out"]
+
+    quick = build_spec({}, {"suite": "lmbff-k16", "optimizers": "zosgd,zoadam,hizoo", "forwards": 40})
+    cells = quick.cells()
+    assert {c.options["task"] for c in cells} == {"sst2", "sst5", "snli", "mnli", "rte", "trec"}
+    assert len(cells) == 6 * 2 * (2 + 3 * 2)  # tasks x seeds x (zero-shot, ICL + 3 optimizers x 2 lrs)
+    trained = [c for c in cells if c.kind == "train"]
+    assert all(c.options["max_forwards"] == 40 and c.options["steps"] == UNBOUNDED_STEPS for c in trained)
+    icl = next(c for c in cells if c.kind == "icl")
+    assert icl.options["task_args"] == {"demonstrations": 4}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "nosuchtask", "--optimizers", "zosgd", "--steps", "2"], "unknown task"),
+    (["--tasks", "sst2", "--optimizers", "nosuchopt", "--steps", "2"], "unknown optimizer"),
+    (["--optimizers", "zosgd", "--steps", "2"], "the race grid is empty"),
+    (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "0"], "must be > 0"),
+    (["--tasks", "sst2", "--optimizers", "zosgd", "--seconds", "-1"], "must be > 0"),
+    (["--tasks", "sst2", "--optimizers", "zosgd"], "exactly one of --steps"),
+])
+def test_a_bad_grid_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys, argv, message):
+    out = tmp_path / "race"
+    assert main(["race", *argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_unwritable_race_directory_is_refused_before_anything_runs(tmp_path, capsys, tiny_model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["race", "--model", str(tiny_model_dir), "--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2",
+                 "--output-dir", str(blocker / "race")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write to race directory" in err and "\n" not in err
+    assert main(["race", "--model", str(tiny_model_dir), "--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2",
+                 "--output-dir", str(blocker)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_killed_race_resumes_without_rerunning_finished_cells_and_gives_the_same_report(tmp_path, tiny_model_dir):
+    config = race_yaml(tmp_path / "race.yaml", tiny_model_dir)
+    common = ["race", "--config", str(config), "--in-process", "--threads", "1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main([*common, "--output-dir", str(whole)]) == 0
+
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "zotune", *common, "--output-dir", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        # kill once one cell has finished and the next has started writing its directory
+        while time.time() < deadline and proc.poll() is None:
+            finished = list(killed.glob("cells/*/results.json"))
+            started = list(killed.glob("cells/*/metrics.jsonl"))
+            if finished and len(started) > len(finished):
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in killed.glob("cells/*/results.json")}
+    assert 1 <= len(finished) < 4, "the race must be killed mid-run"
+
+    assert main([*common, "--output-dir", str(killed)]) == 0
+    for name, mtime in finished.items():  # finished cells were not run again
+        assert (killed / "cells" / name / "results.json").stat().st_mtime_ns == mtime
+        assert (killed / "logs" / f"{name}.log").read_text().count("$ ") == 1
+    assert len(list(killed.glob("cells/*/results.json"))) == 4
+    assert stable(killed / "summary.json") == stable(whole / "summary.json")
+
+
+def test_print_commands_then_collect_and_the_first_order_memory_figure(tmp_path, tiny_model_dir, capsys):
+    race = tmp_path / "race"
+    grid = ["race", "--model", str(tiny_model_dir), "--tasks", "sst2", "--optimizers", "zosgd,adamw",
+            "--baselines", "zeroshot", "--seeds", "13", "--steps", "2", "--eval-every", "1", "--lr", "zosgd=0.01",
+            "--lr", "adamw=0.01", "--set", "batch_size=4", "--set", "max_dev=8", "--set", "max_test=8",
+            "--output-dir", str(race), "--threads", "1"]
+    assert main([*grid, "--print-commands"]) == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 3 and not race.exists()  # printing runs and writes nothing
+    for line in commands:  # "wherever they ran": here, one after another in this process
+        argv = shlex.split(line)
+        assert argv[:2] == ["zotune", "train"]
+        assert main(argv[1:]) == 0
+    assert main(["race", "--collect", str(race)]) == 0
+    for name in ("report.md", "summary.json", "cells.csv", "race.png"):
+        assert (race / name).exists()
+    summary = json.loads((race / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"zeroshot", "ZOSGD", "FirstOrderAdamW"}
+    peak = {name: json.loads((race / "cells" / name / "results.json").read_text())["peak_memory_mb"]
+            for name in ("sst2__zeroshot__s13", "sst2__final_norm__adamw__lr0.01__s13")}
+    adamw = rows["FirstOrderAdamW"]
+    assert adamw["forwards_mean"] == 2 and rows["ZOSGD"]["forwards_mean"] == 4
+    assert adamw["memory_vs_inference"] == pytest.approx(
+        peak["sst2__final_norm__adamw__lr0.01__s13"] / peak["sst2__zeroshot__s13"])
+    assert f"({adamw['memory_vs_inference']:.2f}x)" in (race / "report.md").read_text()
+    # every dev evaluation logged seconds and forwards so far (what time-to-target reads)
+    evals = summary["curves"]["sst2|final_norm|ZOSGD"][0]
+    assert [e["forwards"] for e in evals] == [0, 2, 4] and evals[0]["seconds"] == 0.0
+
+
+def fake_cell(lr, seed, dev, test, evals=(), optimizer="ZOSGD", kind="train"):
+    return {"name": f"{optimizer}-{lr}-{seed}", "task": "sst2", "kind": kind, "optimizer": optimizer,
+            "peft": "final_norm", "lr": lr, "seed": seed, "dev": dev, "test": test, "steps": 10, "forwards": 20,
+            "train_seconds": 1.0, "peak_memory_mb": 100.0,
+            "evals": [{"step": i, "seconds": float(i), "forwards": 2 * i, "dev": d} for i, d in enumerate(evals)]}
+
+
+def test_lr_is_chosen_by_dev_never_by_test():
+    # lr 0.1 wins on dev (0.8 vs 0.6) and loses on test (0.5 vs 0.9): the report picks 0.1 and shows 0.5
+    cells = [fake_cell(0.1, s, 0.8, 0.5) for s in (1, 2)] + [fake_cell(0.01, s, 0.6, 0.9) for s in (1, 2)]
+    row = summarize(cells)["rows"][0]
+    assert row["lr"] == 0.1 and row["test_mean"] == 0.5 and row["dev_mean"] == 0.8
+    assert row["lr_edge"] is True  # the largest lr of the grid won
+    middle = cells + [fake_cell(1.0, s, 0.7, 0.95) for s in (1, 2)]
+    row = summarize(middle)["rows"][0]
+    assert row["lr"] == 0.1 and row["lr_edge"] is False
+
+
+def test_time_to_target_including_not_reached():
+    assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.5},
+                           {"seconds": 3.0, "forwards": 6, "dev": 0.75}], 0.7) == (3.0, 6)
+    assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.5}], 0.7) is None
+    # ZO-SGD sets the target (mean dev 0.7); HiZOO reaches it in one seed of two, ZO-Adam never
+    cells = ([fake_cell(0.01, s, 0.7, 0.7, evals=(0.5, 0.7)) for s in (1, 2)]
+             + [fake_cell(0.01, 1, 0.8, 0.7, evals=(0.5, 0.8), optimizer="HiZOO"),
+                fake_cell(0.01, 2, 0.6, 0.7, evals=(0.5, 0.6), optimizer="HiZOO")]
+             + [fake_cell(0.01, s, 0.6, 0.6, evals=(0.5, 0.6), optimizer="ZOAdam") for s in (1, 2)])
+    summary = summarize(cells, target="zosgd")
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert summary["targets"] == {"sst2/final_norm": 0.7}
+    assert (rows["ZOSGD"]["target_reached"], rows["ZOSGD"]["target_forwards_mean"]) == (2, 2.0)
+    assert (rows["HiZOO"]["target_reached"], rows["HiZOO"]["target_runs"]) == (1, 2)
+    assert rows["ZOAdam"]["target_reached"] == 0 and rows["ZOAdam"]["target_seconds_mean"] is None
+    text = markdown(summary, cells)
+    assert "| ZOAdam | final_norm |" in text and "not reached" in text and "1/2" in text
+    fixed = summarize(cells, target=0.75)["rows"]
+    assert {r["method"]: r["target_reached"] for r in fixed} == {"HiZOO": 1, "ZOAdam": 0, "ZOSGD": 0}
+
+
+def test_first_order_adamw_backpropagates_and_keeps_weights_on_nan():
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 1)
+    opt = FirstOrderAdamW(model, lr=0.05)
+    reference = torch.nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.05, weight_decay=0.0)
+    for _ in range(3):
+        opt.step(lambda: ((model(x) - y) ** 2).mean())
+        ref_opt.zero_grad()
+        ((reference(x) - y) ** 2).mean().backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q) and p.grad is None  # same as torch's AdamW; gradients freed
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(lambda: model(x).sum() * float("nan"))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert opt.zo_state["forwards"] == 4 and opt.zo_state["skipped_steps"] == 1
+    again = FirstOrderAdamW(model, lr=0.05)
+    again.load_state_dict(opt.state_dict())
+    assert again.zo_state["forwards"] == 4
+
+
+def test_forwards_and_seconds_budgets_stop_the_loop_and_evaluate_there(tmp_path):
+    from zotune.train import TrainConfig, train
+
+    tok = tiny_tokenizer()
+    for budget, expected_steps in (({"max_forwards": 5}, 3), ({"max_seconds": 1e-9}, 1)):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        model = tiny_causal_lm("llama", vocab_size=len(tok))
+        config = TrainConfig(task="sst2", optimizer="zosgd", peft="final_norm", steps=UNBOUNDED_STEPS,
+                             eval_every=100, batch_size=4, max_dev=4, max_test=4, output_dir=str(out),
+                             progress=False, eval_before=False, **budget)
+        results = train(config, model=model, tokenizer=tok)
+        assert results["steps"] == expected_steps and results["forwards"] == 2 * expected_steps
+        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line]
+        assert [(e["step"], e["forwards"]) for e in evals] == [(expected_steps, 2 * expected_steps)]
+        assert evals[0]["seconds"] == pytest.approx(results["train_seconds"])
+
+
+def test_icl_demonstrations_are_solved_training_examples_before_dev_and_test_prompts():
+    from zotune.errors import UserError
+    from zotune.tasks import get_task
+
+    plain = get_task("sst2", data_seed=13, max_test=4)
+    icl = get_task("sst2", data_seed=13, max_test=4, demonstrations=4)
+    context = icl.dev[0].prompt[: -len(plain.dev[0].prompt)]
+    demos = context.split("\n\n")[:-1]
+    assert len(demos) == 4 and all(ex.prompt == context + p.prompt for ex, p in zip(icl.test, plain.test, strict=True))
+    solved = {ex.prompt + ex.candidates[ex.gold] for ex in plain.train}
+    assert set(demos) <= solved and sum(d.endswith(" great") for d in demos) == 2  # balanced over the labels
+    assert [ex.prompt for ex in icl.train] == [ex.prompt for ex in plain.train]
+    assert get_task("sst2", data_seed=13, demonstrations=4).dev[0].prompt == icl.dev[0].prompt  # seeded
+    with pytest.raises(UserError, match="demonstrations"):
+        get_task("sst2", demonstrations=-1)
+
+
+def test_a_cell_directory_from_other_settings_is_refused_before_anything_runs(tmp_path, capsys, tiny_model_dir):
+    race = tmp_path / "race"
+    stale = race / "cells" / "sst2__final_norm__zosgd__lr0.01__s13"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text(json.dumps({"task": "sst2", "lr": 0.5, "optimizer": "ZOSGD", "seed": 13}))
+    assert main(["race", "--model", str(tiny_model_dir), "--tasks", "sst2", "--optimizers", "zosgd", "--seeds", "13",
+                 "--steps", "2", "--lr", "zosgd=0.01", "--output-dir", str(race), "--in-process"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings (lr)" in err and "\n" not in err
+    assert sorted(p.name for p in race.iterdir()) == ["cells"] and not (race / "logs").exists()
+
+
+def test_a_run_without_dev_evaluations_times_its_final_one_and_one_seed_has_no_std(tmp_path):
+    from zotune.race.report import read_cell
+
+    run = tmp_path / "cell"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({
+        "task": "sst2", "optimizer": "ZOSGD", "peft": "full", "steps": 2, "forwards": 4, "train_seconds": 3.5,
+        "peak_memory_mb": 10.0, "after": {"dev": {"accuracy": 0.75}, "test": {"accuracy": 0.5}},
+        "config": {"steps": 2, "lr": 1e-6, "seed": 1}}))
+    cell = read_cell(run)
+    assert cell["evals"] == [{"step": 2, "seconds": 3.5, "forwards": 4, "dev": 0.75}]
+    row = summarize([cell])["rows"][0]
+    assert row["target_reached"] == 1 and row["test_mean"] == 0.5 and row["test_std"] is None
