@@ -124,7 +124,13 @@ def resolve_optimizer(name: str) -> type:
     import zotune.optim as zo
     from zotune.optim.first_order import get_first_order
 
-    return get_first_order(name) or zo.get(name)
+    first_order = get_first_order(name)
+    if first_order is not None:
+        return first_order
+    try:
+        return zo.get(name)
+    except UserError as e:  # name the first-order baseline too, so the list is complete
+        raise UserError(f"{e}; or adamw (first-order baseline with backprop)") from None
 
 
 def budget_spent(config: TrainConfig, forwards: int, seconds: float) -> bool:
