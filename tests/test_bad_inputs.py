@@ -114,7 +114,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("peft-unknown", ["train", *TRAIN, "--peft", "qlora"], "unknown --peft 'qlora'"),
     ("schedule-unknown", ["train", *TRAIN, "--schedule", "cosine"], "unknown --schedule 'cosine'"),
     ("objective-unknown", ["train", *TRAIN, "--objective", "mse"], "unknown --objective 'mse'"),
-    ("optimizer-unknown", ["train", *TRAIN, "--optimizer", "adamw"], "unknown optimizer"),
+    ("optimizer-unknown", ["train", *TRAIN, "--optimizer", "adamx"], "unknown optimizer"),
     ("task-unknown", ["train", *TRAIN, "--task", "no-such-task"], "unknown task"),
     ("task-not-shipped", ["train", *TRAIN, "--task", "drop"], "DROP"),
     ("device-garbage", ["train", *TRAIN, "--device", "banana"], "not a torch device"),
