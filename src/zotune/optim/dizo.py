@@ -24,8 +24,9 @@ import math
 
 import torch
 
-from zotune.optim.engine import Block, Closure, Noises, NonFiniteLoss, ZOOptimizer, check_positive_int, check_range
+from zotune.optim.engine import Closure, NonFiniteLoss, ZOOptimizer, check_positive_int, check_range
 from zotune.optim.noise import mix_seed
+from zotune.optim.zo_sgd import ZOSGD
 
 #: the ``sample`` slot of mix_seed for the projection round's z (a projection step's own seed)
 _PROJECTION_SAMPLE = (1 << 40) + 2
@@ -80,15 +81,7 @@ class DiZO(ZOOptimizer):
     def _zo_step(self, closure: Closure) -> float:
         if self.is_projection_step():
             return self._projection_step(closure)
-        seed = self._seed()
-        plus, minus, c = self._spsa(closure, seed)
-
-        def kernel(block: Block, noises: Noises) -> None:
-            block.decay_weights()
-            block.param.add_(noises[0][0], alpha=-block.group["lr"] * c)
-
-        self._update([seed], kernel)
-        return 0.5 * (plus + minus)
+        return ZOSGD._zo_step(self, closure)  # every other step is exactly a ZO-SGD step
 
     # ------------------------------------------------------------------ the projection step
     def _projected(self) -> list:

@@ -27,7 +27,7 @@ import torch
 
 from zotune.optim.engine import Block, Closure, Noises
 from zotune.optim.hizoo import HiZOO
-from zotune.optim.noise import BlockLayout
+from zotune.optim.lowrank import matrix_dims
 
 
 class HiZOOLowRank(HiZOO):
@@ -88,12 +88,7 @@ class HiZOOLowRank(HiZOO):
     @staticmethod
     def factored_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
         """(rows, row_len) if a parameter of this shape gets R/C factors, else None."""
-        if len(shape) < 2:
-            return None
-        layout = BlockLayout.for_shape(shape, 1)
-        if layout.rows < 2 or layout.row_len < 2:
-            return None
-        return layout.rows, layout.row_len
+        return matrix_dims(shape)  # the same rule as the low-rank perturbation methods
 
     def init_state(self, param: torch.Tensor, state: dict) -> None:
         local, _, global_shape = self.comm.local_rows(param)
