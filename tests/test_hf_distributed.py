@@ -112,3 +112,8 @@ if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     result = run_trainer(out_dir, PER_DEVICE)
     torch.save(result, out_dir / f"rank{result['rank']}.pt")
+    if torch.distributed.is_initialized():
+        # gloo's worker threads must stop before the interpreter exits: a live group can abort a
+        # rank at exit ("terminate called without an active exception", seen once in CI)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
