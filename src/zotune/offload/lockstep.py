@@ -20,7 +20,7 @@ import torch
 TOP = "top"  # the gate after the last block: the final norm, the head and the loss follow
 
 
-class Aborted(BaseException):  # noqa: N818 (control flow: unwinds a stopped thread's closure)
+class Aborted(BaseException):
     """Raised inside a waiting thread when the step is abandoned."""
 
 

@@ -331,7 +331,8 @@ class StreamingOffload:
                 r0, r1 = layout.block_rows(j)
                 shape = (r1 - r0, layout.row_len)
                 for d in deferred:
-                    d.kernel(Block(proxy, r0, r1, d.groups[slot.group_index], state), self._noises(slot, j, d.seeds, shape))
+                    noises = self._noises(slot, j, d.seeds, shape)
+                    d.kernel(Block(proxy, r0, r1, d.groups[slot.group_index], state), noises)
                 if seed is not None and coef != 0.0:
                     block = Block(proxy, r0, r1, groups[slot.group_index], state)
                     u = self.opt.direction_for(block, self._noises(slot, j, (seed,), shape)[0], seed)
