@@ -265,3 +265,66 @@ def test_refusals() -> None:
     assert "prefix" in offload_refusal(prefix, ZOSGD(prefix))
     with pytest.raises(ValueError, match="not one of them"):
         StreamingOffload(llama, HiZOO(llama), "cpu")
+
+
+# ---------------------------------------------------------------------------- zotune train --offload
+
+
+def _train(tmp_path, name: str, offload: str, **overrides):
+    from zotune.testing import tiny_tokenizer
+    from zotune.train import TrainConfig, train
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok), num_layers=3)
+    config = TrainConfig(task="sst2", steps=4, batch_size=4, max_dev=8, max_test=8, eval_batch_size=8,
+                         progress=False, lr=1e-3, eps=1e-2, optimizer="zo-adam", eval_every=2, save_every=3,
+                         eval_before=False, device="cpu", offload=offload, output_dir=str(tmp_path / name),
+                         **overrides)
+    return model, train(config, model=model, tokenizer=tok)
+
+
+def test_train_loop_with_offload_equals_the_plain_run(tmp_path, monkeypatch, capsys) -> None:
+    import zotune.config
+
+    monkeypatch.setattr(zotune.config, "offload_device_refusal", lambda device: None)  # simulate on the CPU
+    _, plain = _train(tmp_path, "plain", "none")
+    model, streamed = _train(tmp_path, "offload", "cpu")
+    assert "offload: 3 decoder blocks" in capsys.readouterr().err
+    assert "forward" not in model.model.layers[0].__dict__  # the run took its hooks off
+    for split in ("dev", "test"):
+        for key, value in plain["after"][split].items():
+            assert streamed["after"][split][key] == pytest.approx(value, rel=1e-5)
+    from safetensors.torch import load_file
+
+    for sub in ("checkpoint", "best"):  # the checkpoint at step 3 and the best weights: flushed first
+        a = load_file(str(tmp_path / "plain" / sub / "trainable.safetensors"))
+        b = load_file(str(tmp_path / "offload" / sub / "trainable.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--device", "cpu"], "drop --offload"),
+    (["--optimizer", "hizoo"], "not one of them"),
+])
+def test_cli_offload_refusals_are_one_line(tmp_path, capsys, monkeypatch, argv, message) -> None:
+    import zotune.config
+    from zotune.cli import main
+
+    if "--device" not in argv:  # get past the device check to the optimizer's
+        monkeypatch.setattr(zotune.config, "offload_device_refusal", lambda device: None)
+        argv = [*argv, "--device", "cpu", "--model", str(_tiny_dir(tmp_path))]
+    code = main(["train", "--offload", "cpu", *argv, "--output-dir", str(tmp_path / "x"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def _tiny_dir(tmp_path):
+    from zotune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "tiny"
+    tiny_causal_lm("llama", vocab_size=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -32,10 +32,28 @@ def offload_refusal(model: Any, optimizer: Any) -> str | None:
     if getattr(optimizer, "exact_restore", False):
         return "offload does not support exact_restore=True (its fp32 shadow copy is not streamed)"
     if type(getattr(optimizer, "comm", None)).__name__ != "Communicator":
-        return "offload runs in one process; data-parallel / FSDP runs are not supported with it"
+        return "offload runs in one process; data-parallel / FSDP runs are not supported with it (comm=)"
     for pname, p in model.named_parameters():
         if p.requires_grad and str(p.dtype) in LOW_PRECISION:
             return (f"offload needs float32 trainable weights ({pname} is {str(p.dtype)[6:]}: its fp32 master copy "
                     "is not streamed); use --dtype float32, or train adapters (--peft lora) over a "
                     "low-precision model")
     return None
+
+
+DATA_PARALLEL_REFUSAL = ("offload runs in one process; data-parallel runs (torchrun / accelerate launch) are not "
+                         "supported with it: launch one process, or drop --offload")
+
+
+def attach_offload(model: Any, optimizer: Any, offload: str, device: str | None) -> Any:
+    """``zotune train --offload``: a :class:`~zotune.offload.StreamingOffload` (None for ``"none"``);
+    a refusal is a :class:`~zotune.errors.UserError` naming the option."""
+    if offload == "none":
+        return None
+    from zotune.errors import UserError
+    from zotune.offload.session import StreamingOffload
+
+    refusal = offload_refusal(model, optimizer)
+    if refusal is not None:
+        raise UserError(f"--offload {offload}: {refusal}")
+    return StreamingOffload(model, optimizer, device or "cuda")

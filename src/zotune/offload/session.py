@@ -105,6 +105,18 @@ class StreamingOffload:
         self.stats = {"steps": 0, "flushes": 0}
         self._install()
 
+    def describe(self) -> str:
+        """One line: where the weights are (``zotune train`` prints it)."""
+        def mb(tensors: Any) -> float:
+            return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+        blocks = mb(t for store in self.storage for t in store.values())
+        rest = mb(p for p in self.model.parameters() if id(p) not in self.block_of)
+        where = "pinned CPU memory" if self.device.type == "cuda" else "CPU memory (simulated device)"
+        return (f"{self.num_blocks} decoder blocks ({blocks:.0f} MB) in {where}, streamed through "
+                f"{self.device} {self.transport.ring_size} at a time; embeddings, final norm and head "
+                f"({rest:.0f} MB) on {self.device}")
+
     # ------------------------------------------------------------------ placement
     def _place(self) -> None:
         """Blocks' parameters to (pinned) CPU storage; everything else (and the blocks' buffers) to the device."""
