@@ -328,3 +328,15 @@ def _tiny_dir(tmp_path):
     tiny_causal_lm("llama", vocab_size=len(tok)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def test_gpu_check_offload_measurement_runs_on_the_cpu() -> None:
+    """The measurement of the gpu-check's offload section (CUDA only there), on a tiny shape without a cap."""
+    from zotune.bench.gpu_sections import offload_run
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=128)
+    d = offload_run("cpu", shape, 2, 8, 2, None)
+    assert d["uploads"] == 3 * 2 + 3 and d["in_memory_fits_under_cap"]
+    assert d["max_weight_difference"] == 0.0 and d["max_loss_difference"] == 0.0  # untied: bit-identical
+    assert d["offload_tokens_per_s"] > 0 and d["in_memory_tokens_per_s"] > 0
