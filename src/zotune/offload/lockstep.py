@@ -1,12 +1,13 @@
 """Run the +eps and the -eps forward of one step block by block, in two threads kept in lock step.
 
 The closure stays a black box (``optimizer.step(closure)`` as always): each of the two threads
-runs it once. A hook at the entry of every decoder block (and after the last one: the ``TOP``
-gate) makes the thread stop and wait until the conductor (the thread that runs the step) lets it
-through. So exactly one thread computes at a time, and between two gates the conductor can
-upload a block, perturb it by +eps, let the ``+`` thread through it, perturb it by -2eps, let the
-``-`` thread through it, restore it and write it back: every block is on the device once per step,
-and both hidden-state streams pass through it while it is there.
+runs it once. Hooks before each model forward (the ``BOTTOM`` gate), at the entry of every decoder
+block and after the last one (the ``TOP`` gate) make the thread stop and wait until the conductor
+(the thread that runs the step) lets it through. So exactly one thread computes at a time, and
+between two gates the conductor can upload a block, perturb it by +eps, let the ``+`` thread
+through it, perturb it by -2eps, let the ``-`` thread through it, restore it and write it back:
+every block is on the device once per model forward, and both hidden-state streams pass through
+it while it is there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+BOTTOM = "bottom"  # the gate before a model forward: the embeddings follow
 TOP = "top"  # the gate after the last block: the final norm, the head and the loss follow
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from zotune.models.arch import decoder_stack
 from zotune.offload.checks import offload_refusal
-from zotune.offload.lockstep import TOP, Lockstep
+from zotune.offload.lockstep import BOTTOM, TOP, Lockstep
 from zotune.offload.transport import Key, Transport
 from zotune.optim.blocks import Block, _Slot
 from zotune.optim.engine import Noises, ZOOptimizer
@@ -100,6 +100,7 @@ class StreamingOffload:
         self.transport.log_events = log_events
         self.pending: list[list[_Deferred]] = [[] for _ in range(self.num_blocks)]
         self._lock: Lockstep | None = None
+        self._current: list[Any] | None = None  # [block, its displacement] while a block is moved
         self._active: list[_Slot] | None = None
         self._noise_buffers: dict[tuple[str, int], torch.Tensor] = {}
         self.stats = {"steps": 0, "flushes": 0}
@@ -144,10 +145,12 @@ class StreamingOffload:
             for name, buf in list(sub._buffers.items()):
                 if buf is not None and buf.device != self.device:
                     sub._buffers[name] = buf.to(self.device)
-        for state in self.opt.state.values():  # state of resident weights follows them
+        for p, state in self.opt.state.items():  # optimizer state follows its weight (blocks' state: CPU)
+            target = torch.device("cpu") if id(p) in self.block_of else self.device
             for key, value in list(state.items()):
-                if torch.is_tensor(value) and value.device.type != "cpu" and self.device.type == "cpu":
-                    state[key] = value.cpu()
+                if torch.is_tensor(value) and value.device != target:
+                    state[key] = value.to(target)
+        self.opt._slots = None  # rebuilt at the next step: views of the storage / device tensors
 
     def _block_tensors(self, i: int) -> dict[Key, torch.Tensor]:
         """Block ``i``'s storage: every parameter, and the d-sized state of its trainable ones."""
@@ -182,6 +185,7 @@ class StreamingOffload:
             layer.forward = self._gated(i, layer.forward)
         flush_hook = lambda *_a, **_k: self.flush()  # noqa: E731
         self._handles = [m.register_state_dict_pre_hook(flush_hook) for m in (self.model, *self.layers)]
+        self._handles.append(self.stack.base.register_forward_pre_hook(self._bottom_gate))
         opt = self.opt
         self._orig = {name: opt.__dict__.get(name, _MISSING)
                       for name in ("_two_point", "_update", "active_slots", "state_dict", "load_state_dict")}
@@ -236,6 +240,11 @@ class StreamingOffload:
             return out
 
         return forward
+
+    def _bottom_gate(self, _module: nn.Module, _args: Any) -> None:
+        lock = self._lock
+        if lock is not None and lock.role() is not None:
+            lock.arrive(BOTTOM)
 
     def _plain_forward(self, i: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """A forward outside a step (evaluation): flush, then stream the blocks read-only."""
@@ -370,66 +379,59 @@ class StreamingOffload:
 
     # ------------------------------------------------------------------ the step
     def _expect(self, got: Any, want: Any, role: str) -> None:
+        def where(gate: Any) -> str:
+            return {None: "the end of the closure", TOP: "the top", BOTTOM: "the start of a model forward"}.get(
+                gate, f"block {gate}")
+
         if got != want:
-            where = "returned" if got is None else f"reached {'the top' if got == TOP else 'block ' + str(got)}"
-            raise OffloadError(f"offload: the {role}eps forward {where} where block {want} was expected; the "
-                               "closure must run the model once per call, through every decoder block in order")
+            raise OffloadError(f"offload: the {role}eps forward reached {where(got)} where {where(want)} was "
+                               "expected; the closure must run the model's decoder blocks in order, the same "
+                               "number of times for +eps and -eps")
 
     def _two_point(self, closure: Callable[[], Any], seed: int) -> tuple[float, float]:
-        """L(theta + eps u) and L(theta - eps u), block by block; leaves the resident weights at -eps u."""
-        eps, L = self.opt.eps, self.num_blocks
-        lock = Lockstep(self.device)
-        bottom, top, both = self._stages()
-        moved: dict[str, float] = {"bottom": 0.0, "top": 0.0, "both": 0.0}
-        current: list[Any] | None = None  # [block, its displacement] while a block is perturbed
+        """L(theta + eps u) and L(theta - eps u), block by block; leaves the resident weights at -eps u.
 
-        def displace(coef: float, *names: str) -> None:
+        Each model forward the closure runs is a *pass*: both streams stop before it (``BOTTOM``), at every
+        block and after the last block (``TOP``). Resident weights are moved per stage: those used below
+        block 0 before the bottoms, those used after the last block before the tops.
+        """
+        eps, lock = self.opt.eps, Lockstep(self.device)
+        cats = dict(zip(("bottom", "top", "both"), self._stages()))
+        moved = dict.fromkeys(cats, 0.0)
+
+        def to(sign: float, *names: str) -> None:  # move resident stages to +eps (sign 1) or -eps (-1)
             for name in names:
-                self._displace(seed, coef, {"bottom": bottom, "top": top, "both": both}[name])
-                moved[name] += coef
+                self._displace(seed, sign * eps - moved[name], cats[name])
+                moved[name] = sign * eps
 
         def forward() -> float:
             return self.opt._forward(closure)
 
         self._lock = lock
         try:
-            displace(eps, "bottom", "both")
-            lock.run("+", forward)
-            self._expect(lock.wait("+"), 0, "+")
-            displace(-2.0 * eps, "bottom", "both")
-            lock.run("-", forward)
-            self._expect(lock.wait("-"), 0, "-")
-            self.transport.reset()
-            self.transport.upload(0)
-            for i in range(L):
-                if i + 1 < L:
-                    self.transport.upload(i + 1)  # queued now: overlaps block i's compute
-                self.transport.ready(i)
-                self._swap(i, True)
-                deferred, self.pending[i] = self.pending[i], []
-                current = [i, 0.0]
-                self._pass(i, seed, eps, deferred)
-                current[1] = eps
-                nxt = i + 1 if i + 1 < L else TOP
-                for role, coef in (("+", -2.0 * eps), ("-", eps)):
+            for role in ("+", "-"):
+                lock.run(role, forward)
+                self._expect(lock.wait(role), BOTTOM, role)
+            while True:  # one model forward of both streams per round
+                for role, sign in (("+", 1.0), ("-", -1.0)):
+                    to(sign, "bottom", "both")
                     lock.release(role)
-                    self._expect(lock.wait(role), nxt, role)
-                    self._pass(i, seed, coef)
-                    current[1] += coef
-                current = None
-                self._swap(i, False)
-                self.transport.writeback(i)
-            displace(eps, "top")
-            displace(2.0 * eps, "both")
-            lock.release("+")
-            plus = lock.result("+")
-            displace(-2.0 * eps, "top", "both")
-            lock.release("-")
-            minus = lock.result("-")
+                    self._expect(lock.wait(role), 0, role)
+                self._stream_blocks(seed, lock)
+                ends = []
+                for role, sign in (("+", 1.0), ("-", -1.0)):
+                    to(sign, "top", "both")
+                    lock.release(role)
+                    ends.append(lock.wait(role))
+                if ends[0] is None and ends[1] is None:
+                    break
+                for role, end in zip(("+", "-"), ends):
+                    self._expect(end, BOTTOM, role)
+            plus, minus = lock.result("+"), lock.result("-")
             self.transport.finish()
         except BaseException:
             lock.abort()
-            self._unwind(seed, current, moved, bottom, top, both)
+            self._unwind(seed, moved, cats)
             raise
         finally:
             self._lock = None
@@ -437,17 +439,40 @@ class StreamingOffload:
         self.stats["steps"] += 1
         return tuple(self.opt._reduce(plus, minus))  # type: ignore[return-value]
 
-    def _unwind(self, seed: int, current: list[Any] | None, moved: dict[str, float], bottom: list[_Slot],
-                top: list[_Slot], both: list[_Slot]) -> None:
+    def _stream_blocks(self, seed: int, lock: Lockstep) -> None:
+        """Both streams through every block: upload, (pending update,) +eps, +, -2eps, -, +eps, write back."""
+        eps, L = self.opt.eps, self.num_blocks
+        self.transport.reset()
+        self.transport.upload(0)
+        for i in range(L):
+            if i + 1 < L:
+                self.transport.upload(i + 1)  # queued now: overlaps block i's compute
+            self.transport.ready(i)
+            self._swap(i, True)
+            deferred, self.pending[i] = self.pending[i], []
+            self._current = [i, 0.0]
+            self._pass(i, seed, eps, deferred)
+            self._current[1] = eps
+            nxt = i + 1 if i + 1 < L else TOP
+            for role, coef in (("+", -2.0 * eps), ("-", eps)):
+                lock.release(role)
+                self._expect(lock.wait(role), nxt, role)
+                self._pass(i, seed, coef)
+                self._current[1] += coef
+            self._current = None
+            self._swap(i, False)
+            self.transport.writeback(i)
+
+    def _unwind(self, seed: int, moved: dict[str, float], cats: dict[str, list[_Slot]]) -> None:
         """After an exception inside a step: every weight back where the step found it."""
-        if current is not None:
-            i, offset = current
+        if self._current is not None:
+            i, offset = self._current
             if offset != 0.0:
                 self._pass(i, seed, -offset)
             self._swap(i, False)
             self.transport.writeback(i)
+            self._current = None
         self.transport.reset()
-        for name, slots in (("bottom", bottom), ("top", top), ("both", both)):
+        for name, slots in cats.items():
             self._displace(seed, -moved[name], slots)
         self.opt._pending = {}
-
