@@ -306,6 +306,7 @@ def test_train_loop_with_offload_equals_the_plain_run(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize(("argv", "message"), [
     (["--device", "cpu"], "drop --offload"),
     (["--optimizer", "hizoo"], "not one of them"),
+    (["--task", "squad", "--objective", "f1"], "generates text"),
 ])
 def test_cli_offload_refusals_are_one_line(tmp_path, capsys, monkeypatch, argv, message) -> None:
     import zotune.config

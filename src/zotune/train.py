@@ -398,7 +398,8 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
     optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs,
                                    comm=dist.comm(check_every=100) if dist is not None else None)
-    offload = attach_offload(model, optimizer, config.offload, config.device)
+    offload = attach_offload(model, optimizer, config.offload, config.device,
+                             generates=config.objective == "f1" and task.kind == "generation")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     # everything that can fail has run: only now may the output directory be replaced
     if dist is not None:

@@ -45,15 +45,18 @@ DATA_PARALLEL_REFUSAL = ("offload runs in one process; data-parallel runs (torch
                          "supported with it: launch one process, or drop --offload")
 
 
-def attach_offload(model: Any, optimizer: Any, offload: str, device: str | None) -> Any:
+def attach_offload(model: Any, optimizer: Any, offload: str, device: str | None, generates: bool = False) -> Any:
     """``zotune train --offload``: a :class:`~zotune.offload.StreamingOffload` (None for ``"none"``);
-    a refusal is a :class:`~zotune.errors.UserError` naming the option."""
+    a refusal is a :class:`~zotune.errors.UserError` naming the option. ``generates``: the objective
+    decodes text (its +eps and -eps forwards may run the model a different number of times)."""
     if offload == "none":
         return None
     from zotune.errors import UserError
     from zotune.offload.session import StreamingOffload
 
-    refusal = offload_refusal(model, optimizer)
+    refusal = offload_refusal(model, optimizer) or (
+        "an objective that generates text (--objective f1 on a generation task) is not supported with it: "
+        "its two forwards may decode a different number of tokens; use --objective ce" if generates else None)
     if refusal is not None:
         raise UserError(f"--offload {offload}: {refusal}")
     return StreamingOffload(model, optimizer, device or "cuda")
