@@ -37,6 +37,9 @@ class Lockstep:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        # the closure threads issue their kernels on the conductor's stream, which orders them with the
+        # perturbations and the copy events (a new thread would otherwise start on the default stream)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self._cv = threading.Condition()
         self._at: dict[str, Any] = {}  # role -> gate it waits at
         self._go: dict[str, bool] = {}
@@ -68,8 +71,8 @@ class Lockstep:
             self._local.role = role
             try:
                 with torch.no_grad():  # grad mode is per thread
-                    if self.device.type == "cuda":
-                        with torch.cuda.device(self.device):
+                    if self.stream is not None:
+                        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
                             value = fn()
                     else:
                         value = fn()
