@@ -10,8 +10,6 @@ from zotune.models.arch import decoder_stack, supported_decoder_types
 #: direction per step (``_spsa`` / ``_two_point`` then one ``_update``); their trajectories are tested equal
 SUPPORTED = ("ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOAdam")
 
-LOW_PRECISION = ("torch.float16", "torch.bfloat16")
-
 
 def offload_refusal(model: Any, optimizer: Any) -> str | None:
     """None if :class:`~zotune.offload.StreamingOffload` can run ``model`` with ``optimizer``, else why not."""
@@ -33,11 +31,6 @@ def offload_refusal(model: Any, optimizer: Any) -> str | None:
         return "offload does not support exact_restore=True (its fp32 shadow copy is not streamed)"
     if type(getattr(optimizer, "comm", None)).__name__ != "Communicator":
         return "offload runs in one process; data-parallel / FSDP runs are not supported with it (comm=)"
-    for pname, p in model.named_parameters():
-        if p.requires_grad and str(p.dtype) in LOW_PRECISION:
-            return (f"offload needs float32 trainable weights ({pname} is {str(p.dtype)[6:]}: its fp32 master copy "
-                    "is not streamed); use --dtype float32, or train adapters (--peft lora) over a "
-                    "low-precision model")
     return None
 
 

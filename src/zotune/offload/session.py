@@ -31,7 +31,7 @@ one-line reason otherwise. See docs/offload.md.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,17 +155,30 @@ class StreamingOffload:
     def _block_tensors(self, i: int) -> dict[Key, torch.Tensor]:
         """Block ``i``'s storage: every parameter, and the d-sized state of its trainable ones."""
         out: dict[Key, torch.Tensor] = {("param", n): self.storage[i][n] for n, _ in self.params[i]}
-        pin = self.device.type == "cuda"
         for name, p in self.params[i]:
-            if not p.requires_grad or p not in self.opt.state:
-                continue
-            state = self.opt.state[p]
-            for key, value in list(state.items()):
-                if torch.is_tensor(value) and value.is_floating_point() and value.numel() == p.numel():
-                    if value.device.type != "cpu" or (pin and not value.is_pinned()):
-                        value = state[key] = value.cpu().pin_memory() if pin else value.cpu()
-                    out[("state", name, key)] = value
+            if p.requires_grad and p in self.opt.state:
+                for key, value in self.opt.state[p].items():
+                    if torch.is_tensor(value) and value.is_floating_point() and value.numel() == p.numel():
+                        out[("state", name, key)] = value
         return out
+
+    def _prepare(self) -> None:
+        """The engine's preparation, then the blocks' optimizer state into (pinned) CPU memory.
+
+        Done before the step, not at upload: the engine's slots hold views of the state (the fp32
+        master of low-precision weights), so they are rebuilt when a state tensor is replaced.
+        """
+        self._orig_prepare()
+        pin, moved = self.device.type == "cuda", False
+        for i in range(self.num_blocks):
+            for key, value in self._block_tensors(i).items():
+                if key[0] == "state" and (value.device.type != "cpu" or (pin and not value.is_pinned())):
+                    p = dict(self.params[i])[key[1]]
+                    self.opt.state[p][key[2]] = value.cpu().pin_memory() if pin else value.cpu()
+                    moved = True
+        if moved:
+            self.opt._slots = None
+            self._orig_prepare()
 
     def _block_writable(self, i: int) -> set[Key]:
         keys = self._block_tensors(i)
@@ -188,8 +201,10 @@ class StreamingOffload:
         self._handles.append(self.stack.base.register_forward_pre_hook(self._bottom_gate))
         opt = self.opt
         self._orig = {name: opt.__dict__.get(name, _MISSING)
-                      for name in ("_two_point", "_update", "active_slots", "state_dict", "load_state_dict")}
+                      for name in ("_two_point", "_update", "active_slots", "state_dict", "load_state_dict",
+                                   "_prepare")}
         self._orig_update = opt._update
+        self._orig_prepare = opt._prepare
         self._orig_displace = opt._displace
         orig_state_dict, orig_load = opt.state_dict, opt.load_state_dict
 
@@ -203,6 +218,7 @@ class StreamingOffload:
 
         opt._two_point = self._two_point  # type: ignore[method-assign]
         opt._update = self._update  # type: ignore[method-assign]
+        opt._prepare = self._prepare  # type: ignore[method-assign]
         opt.active_slots = self._active_slots  # type: ignore[method-assign]
         opt.state_dict = state_dict  # type: ignore[method-assign]
         opt.load_state_dict = load_state_dict  # type: ignore[method-assign]
@@ -274,11 +290,12 @@ class StreamingOffload:
     def _slots_of(self, i: int) -> list[_Slot]:
         return [s for s in (self.opt._slots or []) if self.block_of.get(id(s.param), (-1, ""))[0] == i]
 
-    def _displace(self, seed: int, coef: float, slots: list[_Slot]) -> None:
-        """The engine's displacement, on ``slots`` only (resident weights)."""
+    def _displace(self, seed: int, coef: float, slots: list[_Slot], before: float = 0.0) -> None:
+        """The engine's displacement of ``slots`` (resident weights) from ``before`` to ``before + coef``."""
         if not slots or coef == 0.0:
             return
         self._active = slots
+        self.opt._pending[seed] = [before] * len(self.opt.param_groups)  # low precision: round(master + after u)
         try:
             self._orig_displace(seed, coef)
         finally:
@@ -336,13 +353,20 @@ class StreamingOffload:
             out.append(zs)
         return out
 
-    def _pass(self, i: int, seed: int | None, coef: float, deferred: list[_Deferred] = ()) -> None:  # type: ignore[assignment]
-        """One pass over block ``i`` on the device: apply ``deferred`` updates, then move by ``coef * u(seed)``."""
+    def _pass(self, i: int, seed: int | None, coef: float, deferred: Sequence[_Deferred] = (),
+              after: float = 0.0) -> None:
+        """One pass over block ``i`` on the device: apply ``deferred`` updates, then move by ``coef * u(seed)``.
+
+        Low-precision weights are moved as the engine moves them: ``round(master + after * u)`` with
+        ``after`` the block's displacement once moved, and set to ``round(master)`` after an update.
+        """
         bufs = self.transport.buffers(i)
         groups = self.opt.param_groups
         for slot in self._slots_of(i):
             name = self.block_of[id(slot.param)][1]
-            proxy = dataclasses.replace(slot, data=bufs[("param", name)].view(slot.data.shape), master=None)
+            master = bufs.get(("state", name, "master"))
+            proxy = dataclasses.replace(slot, data=bufs[("param", name)].view(slot.data.shape),
+                                        master=None if master is None else master.view(slot.data.shape))
             state = dict(self.opt.state[slot.param])
             for key in state:
                 if ("state", name, key) in bufs:
@@ -351,13 +375,19 @@ class StreamingOffload:
             for j in range(layout.n_blocks):
                 r0, r1 = layout.block_rows(j)
                 shape = (r1 - r0, layout.row_len)
+                rows = proxy.data[r0:r1]
                 for d in deferred:
                     noises = self._noises(slot, j, d.seeds, shape)
                     d.kernel(Block(proxy, r0, r1, d.groups[slot.group_index], state), noises)
+                    if proxy.master is not None:
+                        rows.copy_(proxy.master[r0:r1])
                 if seed is not None and coef != 0.0:
                     block = Block(proxy, r0, r1, groups[slot.group_index], state)
                     u = self.opt.direction_for(block, self._noises(slot, j, (seed,), shape)[0], seed)
-                    proxy.data[r0:r1].add_(u, alpha=coef)
+                    if proxy.master is None:
+                        rows.add_(u, alpha=coef)
+                    else:
+                        rows.copy_(torch.add(block.param, u, alpha=after))
         self.transport.log("compute", (i, "update" if seed is None else coef))
 
     def flush(self) -> None:
@@ -401,7 +431,7 @@ class StreamingOffload:
 
         def to(sign: float, *names: str) -> None:  # move resident stages to +eps (sign 1) or -eps (-1)
             for name in names:
-                self._displace(seed, sign * eps - moved[name], cats[name])
+                self._displace(seed, sign * eps - moved[name], cats[name], moved[name])
                 moved[name] = sign * eps
 
         def forward() -> float:
@@ -451,14 +481,14 @@ class StreamingOffload:
             self._swap(i, True)
             deferred, self.pending[i] = self.pending[i], []
             self._current = [i, 0.0]
-            self._pass(i, seed, eps, deferred)
+            self._pass(i, seed, eps, deferred, after=eps)
             self._current[1] = eps
             nxt = i + 1 if i + 1 < L else TOP
             for role, coef in (("+", -2.0 * eps), ("-", eps)):
                 lock.release(role)
                 self._expect(lock.wait(role), nxt, role)
-                self._pass(i, seed, coef)
                 self._current[1] += coef
+                self._pass(i, seed, coef, after=self._current[1])
             self._current = None
             self._swap(i, False)
             self.transport.writeback(i)
@@ -468,11 +498,11 @@ class StreamingOffload:
         if self._current is not None:
             i, offset = self._current
             if offset != 0.0:
-                self._pass(i, seed, -offset)
+                self._pass(i, seed, -offset, after=0.0)
             self._swap(i, False)
             self.transport.writeback(i)
             self._current = None
         self.transport.reset()
         for name, slots in cats.items():
-            self._displace(seed, -moved[name], slots)
+            self._displace(seed, -moved[name], slots, moved[name])
         self.opt._pending = {}
