@@ -21,11 +21,12 @@
   +eps, then the update), so on one device the run is bit-identical, except for a trainable weight
   used both below block 0 and after the last block (a LM head tied to the embeddings): the top of the
   ``+`` stream needs it at +eps after the bottom of the ``-`` stream left it at -eps, so it moves by
-  +2eps and -2eps once more (equal to fp32 rounding of that matrix).
+  +2eps and -2eps once more (equal to fp32 rounding of that matrix; low-precision weights are set
+  from their master, so exact).
 
 Supported: the optimizers whose update of a block needs only that block, its state and the step's
-scalars (:data:`SUPPORTED`), fp32 trainable weights, one process. :func:`offload_refusal` gives the
-one-line reason otherwise. See docs/offload.md.
+scalars (:data:`SUPPORTED`), fp32 or low-precision weights (a bf16 / fp16 block travels with its fp32
+master), one process. :func:`offload_refusal` gives the one-line reason otherwise. See docs/offload.md.
 """
 
 from __future__ import annotations
