@@ -16,7 +16,7 @@ import torch
 
 from zotune.models import apply_peft
 from zotune.offload import OffloadError, StreamingOffload, offload_refusal
-from zotune.optim import ZOSGD, HiZOO, ZOAdam, ZOSGDMomentum, ZOSGDSign
+from zotune.optim import HELENE, ZOSGD, HiZOO, ZOAdam, ZOSGDMomentum, ZOSGDSign
 from zotune.testing import tiny_causal_lm, tiny_config
 
 ARCHS = ("llama", "opt", "gemma3", "qwen2", "mistral")
@@ -73,7 +73,7 @@ def test_trajectory_equals_in_memory_run(arch: str) -> None:
     _compare(a, b, la, lb, exact=False)
 
 
-@pytest.mark.parametrize("cls", [ZOSGD, ZOSGDMomentum, ZOSGDSign, ZOAdam])
+@pytest.mark.parametrize("cls", [ZOSGD, ZOSGDMomentum, ZOSGDSign, ZOAdam, HELENE])
 def test_every_supported_optimizer_is_bit_identical_untied(cls) -> None:
     base = _untied_llama(num_layers=3)
     a, b = copy.deepcopy(base), copy.deepcopy(base)

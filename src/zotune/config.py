@@ -217,8 +217,8 @@ class ModelArgs(ConfigGroup):
                                      "off", min=0)
     offload: str = option("none", "where the decoder blocks live: none (on --device), or cpu: in pinned CPU "
                                   "memory, streamed through the GPU one block at a time, for models larger "
-                                  "than GPU memory (zosgd, zo-momentum, zo-sign, zo-adam; one process; see "
-                                  "docs/offload.md)", choices=("none", "cpu"))
+                                  "than GPU memory (zosgd, zo-momentum, zo-sign, zo-adam, helene; one process; "
+                                  "see docs/offload.md)", choices=("none", "cpu"))
 
     def check(self) -> None:
         """The tuning mode must be known, and the device exist on this machine."""

@@ -8,7 +8,7 @@ from zotune.models.arch import decoder_stack, supported_decoder_types
 
 #: optimizers whose update of a block needs only that block, its state and the step's scalars, with one
 #: direction per step (``_spsa`` / ``_two_point`` then one ``_update``); their trajectories are tested equal
-SUPPORTED = ("ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOAdam")
+SUPPORTED = ("ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOAdam", "HELENE")
 
 
 def offload_refusal(model: Any, optimizer: Any) -> str | None:
