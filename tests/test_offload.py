@@ -213,6 +213,18 @@ def test_update_is_lazy_and_flushed_before_observation() -> None:
     assert "forward" not in session2.layers[0].__dict__ and "_update" not in opt2.__dict__
 
 
+def test_loading_weights_after_a_step_is_not_undone_by_the_pending_update() -> None:
+    model = _untied_llama()
+    target = {k: v.clone() for k, v in _untied_llama().state_dict().items()}
+    _, session, _ = _run(model, offload=True, steps=1)
+    assert any(session.pending)
+    model.load_state_dict(target)  # flushes first, then loads
+    assert not any(session.pending)
+    session.flush()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, target[name]), name
+
+
 def test_exception_inside_a_step_leaves_the_weights() -> None:
     model = _untied_llama(num_layers=3)
     opt, session, _ = _run(model, offload=True, steps=1)

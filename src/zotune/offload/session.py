@@ -199,6 +199,8 @@ class StreamingOffload:
             layer.forward = self._gated(i, layer.forward)
         flush_hook = lambda *_a, **_k: self.flush()  # noqa: E731
         self._handles = [m.register_state_dict_pre_hook(flush_hook) for m in (self.model, *self.layers)]
+        # loading weights: the pending update first, so the loaded values are what the blocks hold after
+        self._handles += [m.register_load_state_dict_pre_hook(flush_hook) for m in (self.model, *self.layers)]
         self._handles.append(self.stack.base.register_forward_pre_hook(self._bottom_gate))
         opt = self.opt
         self._orig = {name: opt.__dict__.get(name, _MISSING)
