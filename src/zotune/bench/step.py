@@ -202,11 +202,11 @@ def format_report(result: dict[str, Any]) -> str:
         m = row.get("memory") or {}
         name = row.get("name", row["optimizer"])
         if row.get("error") and not t:
-            rows.append([name, row["distribution"][:5], fmt(row["forwards_per_step"], "g"),
+            rows.append([name, row["distribution"][:5], fmt(row["forwards_per_step"], ".3g"),
                          len(row["state_buffers"]), "FAILED: " + row["error"][:60], *([DASH] * 10)])
             continue
         rows.append([
-            name, row["distribution"][:5], fmt(row["forwards_per_step"], "g"), len(row["state_buffers"]),
+            name, row["distribution"][:5], fmt(row["forwards_per_step"], ".3g"), len(row["state_buffers"]),
             fmt(t.get("step_s"), ".2f"), fmt(t.get("step_over_kF"), ".2f", "x"),
             fmt(t.get("step_over_2F"), ".2f", "x"), fmt(t.get("vs_reference"), ".2f", "x"),
             fmt(t.get("speedup_vs_naive"), ".2f", "x"), fmt(m.get("peak_over_inference"), ".3f", "x"),
@@ -219,8 +219,8 @@ def format_report(result: dict[str, Any]) -> str:
         "fwd: forwards per step (k); state: parameter-sized buffers the method declares; step/kF and "
         "step/2F: step time over k or 2 forwards of the same round; vs ZO-SGD: step time over ZO-SGD's "
         "(same z); peak/inf: peak RSS above the import baseline over inference's; extra xP: (step peak - "
-        "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors / parameter "
-        "bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block temporaries, "
+        "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors and cached "
+        "factors / parameter bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block temporaries, "
         "allocator); load: cores other processes used meanwhile (median); "
         f"clean: rounds in which the step and the forwards ran with other load < {CLEAN_LOAD} cores (ratios "
         "use only those when there are at least two).",

@@ -98,11 +98,14 @@ def declared_state(runner: Any, case: Case) -> tuple[str, ...]:
 
 
 def state_bytes(runner: Any) -> int:
-    """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)."""
+    """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)
+    and of the factors it caches between steps (``cached_tensors()``: the low-rank methods' V, U, P)."""
     if not isinstance(runner, torch.optim.Optimizer):
         return 0
     if hasattr(runner, "_prepare"):
         runner._prepare()  # the state exists before the first step
     total = sum(t.numel() * t.element_size() for st in runner.state.values() for t in st.values() if torch.is_tensor(t))
+    cached = getattr(runner, "cached_tensors", None)
+    total += sum(t.numel() * t.element_size() for t in cached()) if callable(cached) else 0
     shadows = getattr(runner, "_shadows", None) or {}
     return total + sum(t.numel() * t.element_size() for t in shadows.values())
