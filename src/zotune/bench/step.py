@@ -5,8 +5,8 @@ random token ids, one interleaved run measures
 
 * **F**, the time of one forward pass returning the causal-LM loss (``inference_mode``,
   eval mode, dropout 0);
-* the step time of every registered optimizer (Gaussian z; Rademacher for ZO-SGD too, or for
-  all with ``--distribution both``), printed as ``step / (forwards_per_step * F)``,
+* the step time of every registered optimizer (with its own default z: Gaussian, FZOO
+  Rademacher; both for ZO-SGD, or for all with ``--distribution both``), printed as ``step / (forwards_per_step * F)``,
   ``step / 2F`` and relative to ZO-SGD's step with the same distribution;
 * the step time of **MeZO's reference code** (:class:`NaiveMeZO`: ``torch.manual_seed``,
   per-parameter ``torch.normal``, out-of-place ``p.data = p.data + s * z * eps``, a separate
@@ -124,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimizer names or aliases (default: every registered one); "
                              f"{REFERENCE} is always timed as the reference")
     parser.add_argument("--distribution", choices=("gaussian", "rademacher", "both"), default=None,
-                        help="z distribution of every method (default: Gaussian, plus Rademacher for ZO-SGD)")
+                        help="z distribution of every method (default: each method's own, Gaussian unless "
+                             "it says otherwise, plus both for ZO-SGD)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write every figure to this JSON file")
