@@ -221,8 +221,8 @@ def format_report(result: dict[str, Any]) -> str:
         "step/2F: step time over k or 2 forwards of the same round; vs ZO-SGD: step time over ZO-SGD's "
         "(same z); peak/inf: peak RSS above the import baseline over inference's; extra xP: (step peak - "
         "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors and cached "
-        "factors / parameter bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block temporaries, "
-        "allocator); load: cores other processes used meanwhile (median); "
+        "factors / parameter bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block "
+        "temporaries, allocator); load: cores other processes used meanwhile (median); "
         f"clean: rounds in which the step and the forwards ran with other load < {CLEAN_LOAD} cores (ratios "
         "use only those when there are at least two).",
     ]
