@@ -102,3 +102,64 @@ def test_zotrainer_cache_refused_where_it_cannot_be_exact(tmp_path, mode, reason
     assert trainer.zo_cache_message.startswith("activation cache off:") and reason in trainer.zo_cache_message
     trainer.train()  # trains uncached, the model's config untouched
     assert trainer.model.config.use_cache
+
+
+# ------------------------------------------------------------------------------------------
+# zotune eval
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny top:1 runs (other seeds, so other weights) of one saved model, and a final_norm run."""
+    from zotune.cli import main
+    from zotune.models import save_plain_checkpoint
+    from zotune.testing import tiny_tokenizer
+
+    tmp = tmp_path_factory.mktemp("eval-cache")
+    tok = tiny_tokenizer()
+    model_dir = save_plain_checkpoint(tiny_causal_lm("llama", vocab_size=len(tok), num_layers=3), tok, tmp / "model")
+    runs = []
+    for name, peft, seed in (("a", "top:1", "1"), ("b", "top:1", "2"), ("c", "final_norm", "1")):
+        assert main(["train", "--model", str(model_dir), "--task", "sst2", "--peft", peft, "--steps", "2",
+                     "--batch-size", "4", "--max-train", "8", "--max-dev", "4", "--max-test", "5", "--no-progress",
+                     "--lr", "1e-2", "--eps", "1e-2", "--seed", seed, "--no-eval-before",
+                     "--output-dir", str(tmp / name)]) == 0
+        runs.append(tmp / name)
+    return tmp, runs
+
+
+def test_eval_several_checkpoints_runs_each_bottom_once_and_matches_uncached(two_runs, capsys):
+    import json
+
+    from zotune.cli import main
+
+    tmp, (a, b, _) = two_runs
+    capsys.readouterr()
+    single = {}
+    for run in (a, b):
+        assert main(["eval", "--checkpoint", str(run), "--cache-mb", "0", "--json", str(tmp / "one.json")]) == 0
+        single[str(run)] = json.loads((tmp / "one.json").read_text())
+        assert "activation cache off (--cache-mb 0)" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(a), str(b), "--json", str(tmp / "both.json")]) == 0
+    out = capsys.readouterr()
+    both = json.loads((tmp / "both.json").read_text())
+    assert "lowest trainable block 2 of 3" in out.err
+    assert "activation cache on: embeddings and blocks 0-1 of 3 run once per example" in out.err
+    # 4 dev + 5 test examples: their bottoms ran once for the first run, the second one reused them all
+    assert "9 examples cached" in out.err and "9 rows served from the cache, 9 run through the bottom" in out.err
+    assert f"{a}: sst2 test: accuracy" in out.out and f"{b}: sst2 test: accuracy" in out.out
+    for run in (str(a), str(b)):
+        for split in ("dev", "test"):
+            for key, value in single[run][split].items():
+                assert both[run][split][key] == pytest.approx(value, rel=RTOL, abs=ATOL), (run, split, key)
+
+
+def test_eval_refuses_checkpoints_of_different_tuning_modes(two_runs, capsys):
+    from zotune.cli import main
+
+    _, (a, _, c) = two_runs
+    assert main(["eval", "--checkpoint", str(a), str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "trained with another peft ('final_norm')" in err and "evaluate them in separate commands" in err
+    assert "Traceback" not in err
