@@ -15,7 +15,7 @@ Evaluate a model (zero-shot) or a trained run on a task's dev and test splits.
 examples:
   zotune eval --model smollm2-135m --task sst2 --template sentiment
   zotune eval --checkpoint runs/sst2-hizoo            # uses the run's config and best/ weights
-  zotune eval --checkpoint runs/a runs/b runs/c       # several runs of one model and tuning mode
+  zotune eval --checkpoint runs/sst2-hizoo runs/sst2-hizoo/checkpoint   # its best/ and last weights, one model
 
 The frozen-bottom activation cache follows the rules of `zotune train`: where every trainable
 weight of the run's tuning mode lies at or above block j (final_norm, top:K, LoRA top:K), the
