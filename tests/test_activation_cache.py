@@ -317,11 +317,12 @@ def test_bench_cache_times_each_mode_off_and_on(tmp_path, capsys):
     assert main(["bench", "cache", "--model", "tiny", "--modes", "final_norm,lora:top:2", "--steps", "1",
                  "--rounds", "1", "--threads", "1", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| final_norm " in table and "| lora:top:2 " in table and "cached / uncached" in table
+    assert "| final_norm " in table and "| lora:top:2 " in table and "CPU cached / uncached" in table
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["lowest_block"], r["blocks"]) for r in rows] == [("final_norm", 8, 8), ("lora:top:2", 6, 8)]
     for r in rows:
         assert r["refusal"] is None and r["uncached_s"] > 0 and r["cached_s"] > 0
+        assert r["uncached_cpu_s"] > 0 and r["cached_cpu_s"] > 0 and r["cpu_ratio"] > 0
         assert r["bottom_rows"] == r["examples"]  # the fill pass ran every example's bottom, once
 
 

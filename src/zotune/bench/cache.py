@@ -4,7 +4,9 @@ For each tuning mode, one model is loaded and one optimizer built; the same step
 batches, same seeds) are timed alternately with the cache switched off and on, in rounds, so
 both columns see the same machine load. The cached column is the steady state: every training
 example was run through the bottom once before timing (the ``fill`` column: one pass over the
-training set). The ratio is median cached step / median uncached step.
+training set). The ratio is median cached step / median uncached step, in wall-clock and in
+process CPU time (user + system of this process: with ``--threads 1`` it does not grow with
+the load of other processes, so on a shared machine the CPU columns are the ones to read).
 
     zotune bench cache                                  # SmolLM2-135M, SST-2 (MeZO template), 5 modes
     zotune bench cache --model tiny --steps 2 --rounds 1   # tiny random Llama (seconds)
@@ -73,6 +75,7 @@ def measure_mode(args: argparse.Namespace, mode: str, task: Any) -> dict[str, An
     with torch.no_grad():
         fill, _ = timed(lambda: [objective(task.train[i:i + args.batch]) for i in range(0, n, args.batch)])
     times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     loads: list[float] = []
     step = 0
     for _ in range(args.rounds):
@@ -80,17 +83,22 @@ def measure_mode(args: argparse.Namespace, mode: str, task: Any) -> dict[str, An
             cache.enabled = enabled
             for _ in range(args.steps):
                 b = batch(step)
+                c0 = time.process_time()
                 wall, load = timed(lambda b=b: optimizer.step(lambda: objective(b)))
+                cpu[enabled].append(time.process_time() - c0)
                 times[enabled].append(wall)
                 loads.append(load)
                 step += 1
     stats = dict(cache.stats)
     cache.close()
     off, on = median(times[False]), median(times[True])
+    cpu_off, cpu_on = median(cpu[False]), median(cpu[True])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"mode": mode, "trainable": trainable, "lowest_block": split.block, "blocks": split.num_layers,
             "refusal": split.refusal, "uncached_s": off, "cached_s": on, "ratio": on / off if off else float("nan"),
-            "fill_s": fill, "cache_mb": stats["bytes"] / 2**20, "examples": n, "other_load": median(loads),
+            "uncached_cpu_s": cpu_off, "cached_cpu_s": cpu_on,
+            "cpu_ratio": cpu_on / cpu_off if cpu_off else float("nan"), "fill_s": fill,
+            "cache_mb": stats["bytes"] / 2**20, "examples": n, "other_load": median(loads),
             "bottom_rows": stats["bottom_rows"]}
 
 
@@ -112,12 +120,15 @@ def run(args: argparse.Namespace) -> int:
         row = measure_mode(args, mode, task)
         rows.append(row)
         print(f"#   {mode}: {fmt(row['uncached_s'], '.3f')} s -> {fmt(row['cached_s'], '.3f')} s per step "
-              f"(x{fmt(row['ratio'], '.3f')})", flush=True)
+              f"(x{fmt(row['ratio'], '.3f')}); CPU {fmt(row['uncached_cpu_s'], '.3f')} s -> "
+              f"{fmt(row['cached_cpu_s'], '.3f')} s (x{fmt(row['cpu_ratio'], '.3f')})", flush=True)
     print(markdown_table(
         ["mode", "trainable", "lowest block", "uncached s/step", "cached s/step", "cached / uncached",
-         "fill s (one pass)", "cache MB", "other load (cores)"],
+         "uncached CPU s/step", "cached CPU s/step", "CPU cached / uncached", "fill s (one pass)", "cache MB",
+         "other load (cores)"],
         [[r["mode"], f"{r['trainable']:,}", f"{r['lowest_block']} of {r['blocks']}", fmt(r["uncached_s"], ".3f"),
-          fmt(r["cached_s"], ".3f"), fmt(r["ratio"], ".3f") + "x", fmt(r["fill_s"], ".1f"),
+          fmt(r["cached_s"], ".3f"), fmt(r["ratio"], ".3f") + "x", fmt(r["uncached_cpu_s"], ".3f"),
+          fmt(r["cached_cpu_s"], ".3f"), fmt(r["cpu_ratio"], ".3f") + "x", fmt(r["fill_s"], ".1f"),
           fmt(r["cache_mb"], ".1f"), fmt(r["other_load"], ".2f")] for r in rows]))
     print(f"# {time.perf_counter() - t0:.0f} s in all")
     if args.json:

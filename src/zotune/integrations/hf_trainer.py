@@ -26,6 +26,19 @@ The closure is ``compute_loss(model, inputs, num_items_in_batch=...)`` -- the lo
 of the (global) batch -- evaluated in eval mode without gradients. Pass
 ``zo_loss_fn(model, inputs) -> loss`` for another objective (e.g. a negative accuracy).
 
+**Activation cache.** When every trainable parameter lies at or above decoder block ``j``
+(``top:K``, LoRA on the top blocks, the final norm; see :mod:`zotune.models.activation_cache`),
+the trainer attaches the frozen-bottom activation cache: the embeddings and blocks below ``j``
+run once per example and every later forward of that example (both forwards of a ZO step, later
+epochs, repeated evaluations) runs only the upper blocks. It follows the rules of ``zotune
+train``: on where it is exact, off with a one-line reason otherwise (prefix tuning, trainable
+embeddings, block 0 trainable, ...), ``zo_cache_mb`` bounds its memory (0 switches it off).
+During ZO steps and evaluation the model runs with ``config.use_cache = False`` (no KV cache
+is needed there; the activation cache only serves such forwards). The reason is logged at INFO
+level and kept in ``trainer.zo_cache_message``; ``trainer.zo_cache`` is the cache (its
+``stats``), or None. The hooks stay on the model for the trainer's life, so an ``evaluate()``
+after ``train()`` reuses the stored rows; ``trainer.zo_cache.close()`` removes them.
+
 Log lines carry ``projected_grad`` (the mean ``|c|``, ``c = (L+ - L-) / 2 eps``, over the
 steps since the last log line) instead of ``grad_norm``, which would always read 0.0.
 
@@ -41,15 +54,19 @@ FSDP, TPU, SageMaker) are refused with a message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers import Trainer
 from transformers.training_args import ParallelMode
+from transformers.utils import logging
 
 import zotune.optim as zo
 from zotune.errors import UserError
+
+logger = logging.get_logger(__name__)
 
 
 class ZOTrainer(Trainer):
@@ -63,13 +80,15 @@ class ZOTrainer(Trainer):
         zo_loss_fn: optional ``(model, inputs) -> scalar`` objective to minimise.
         zo_check_every: on several processes, check every this many steps that the ranks
             hold bit-identical weights (0: only at the end of ``train()``).
+        zo_cache_mb: memory bound (MiB) of the frozen-bottom activation cache, attached when the
+            trainer is built if it can be exact (see the module docs); 0 switches it off.
         All other arguments are ``transformers.Trainer``'s.
     """
 
     def __init__(self, *args: Any, zo_optimizer: str | zo.ZOOptimizer = "zosgd",
                  zo_kwargs: dict[str, Any] | None = None,
                  zo_loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
-                 zo_check_every: int = 100, **kwargs: Any):
+                 zo_check_every: int = 100, zo_cache_mb: float = 1024.0, **kwargs: Any):
         self.zo_optimizer_spec = zo_optimizer
         self.zo_kwargs = dict(zo_kwargs or {})
         self.zo_loss_fn = zo_loss_fn
@@ -84,6 +103,29 @@ class ZOTrainer(Trainer):
         if self.args.gradient_accumulation_steps != 1:
             raise UserError("ZOTrainer needs gradient_accumulation_steps=1; raise the batch size instead")
         self._check_parallel_mode()
+        self.zo_cache, self.zo_cache_message = self._attach_zo_cache(float(zo_cache_mb))
+
+    def _attach_zo_cache(self, max_mb: float) -> tuple[Any, str]:
+        """The activation cache on ``self.model`` where it is exact, and the one-line message."""
+        from zotune.models import attach_activation_cache, depth_split
+
+        logger.info(f"zotune: {depth_split(self.model).describe()}")
+        cache, message = attach_activation_cache(self.model, max_mb)
+        logger.info(f"zotune: {message}")
+        return cache, message
+
+    @contextmanager
+    def _without_kv_cache(self) -> Iterator[None]:
+        """``config.use_cache = False`` while the activation cache is attached (it serves only such forwards)."""
+        config = getattr(self.zo_cache.stack.base, "config", None) if self.zo_cache is not None else None
+        if config is None or not getattr(config, "use_cache", False):
+            yield
+            return
+        config.use_cache = False
+        try:
+            yield
+        finally:
+            config.use_cache = True
 
     @property
     def zo_distributed(self) -> bool:
@@ -173,7 +215,8 @@ class ZOTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
-            loss = optimizer.step(closure)
+            with self._without_kv_cache():
+                loss = optimizer.step(closure)
         finally:
             model.train(was_training)
         if torch.isfinite(loss):
@@ -181,6 +224,11 @@ class ZOTrainer(Trainer):
         # the Trainer's inner loop calls optimizer.step() next: it must not step again
         optimizer.skip_next_closureless_step()
         return loss.detach().to(self.args.device)
+
+    def prediction_step(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """Evaluation forwards go through the activation cache too (no KV cache is returned)."""
+        with self._without_kv_cache():
+            return super().prediction_step(*args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Training log lines get ``projected_grad`` (mean |c| since the last line) instead of ``grad_norm``."""
