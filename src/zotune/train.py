@@ -349,14 +349,20 @@ class Run:
 
     def evaluate(self, examples: list, split: str) -> dict[str, float]:
         """Metrics of the current weights on ``examples`` (a split of the task)."""
+        from zotune.optim.lazy import flush_pending
         from zotune.tasks import evaluate
 
+        flush_pending(self.model)  # the forward hook would too; explicit, as for every observation point
         metrics = evaluate(self.model, self.tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
                            max_length=self.config.max_length)
         return {k: float(v) for k, v in metrics.items()}
 
     def close(self) -> None:
-        """Close the progress bar and the metrics log; take the activation cache off the model."""
+        """Close the progress bar and the metrics log; take the activation cache off the model; apply a
+        pending lazy update (also after an exception: a caller's model must hold every update)."""
+        flush = getattr(self.optimizer, "flush", None)
+        if flush is not None:
+            flush()
         if self.cache is not None:
             self.cache.close()  # a caller's model gets its plain forward back
             self.cache = None
@@ -382,7 +388,12 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
         model, tokenizer = build_model(config, dist.device if dist is not None else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
-    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs,
+    from zotune.optim.engine import ZOOptimizer
+
+    # lazy fused update (2 passes per step): this loop flushes it before every evaluation,
+    # checkpoint and the end of training (see zotune.optim.lazy)
+    lazy = {"lazy_update": True} if issubclass(plan.optimizer_cls, ZOOptimizer) else {}
+    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs, **lazy,
                                    comm=dist.comm(check_every=100) if dist is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     # everything that can fail has run: only now may the output directory be replaced
@@ -404,7 +415,6 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     elif plan.is_main:
         (out / "config.json").write_text(json.dumps(plan.resolved, indent=2))
     trajectory = None
-    from zotune.optim.engine import ZOOptimizer
 
     # every step's seeds and scalars, for `zotune replay` (a first-order baseline has no seeds to record)
     if plan.is_main and isinstance(optimizer, ZOOptimizer):
@@ -488,6 +498,9 @@ def run_steps(run: Run) -> None:
         evaluate_and_checkpoint(run)
         if run.stopped_early:
             break
+    flush = getattr(run.optimizer, "flush", None)
+    if flush is not None:
+        flush()  # end of training: the weights hold every update
     if run.bar is not None:
         run.bar.close()
         run.bar = None

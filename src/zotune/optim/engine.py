@@ -491,7 +491,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 rows.copy_(torch.add(block.param, u, alpha=after[gi]))
 
-        self._sweep_parts([*self._take_deferred(), Part(self.active_slots(), [seed], kernel, self.param_groups)])
+        self._sweep([seed], kernel)
         self._pending[seed] = after
 
     def _take_deferred(self) -> list[Part]:
@@ -536,7 +536,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._deferred = Part(self.active_slots(), list(seeds), fused, group_snapshot(self.param_groups))
             self.pass_counts["deferred"] += 1
             return
-        self._sweep_parts([*self._take_deferred(), Part(self.active_slots(), list(seeds), fused, self.param_groups)])
+        self._sweep(list(seeds), fused)
 
     def _restore_pending(self) -> None:
         """Put the parameters back where the step started (after an exception/NaN)."""
@@ -657,8 +657,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1, by_size))
 
     def _sweep(self, seeds: Sequence[int], kernel: Callable[[Block, Noises], None]) -> None:
-        """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each active block."""
-        self._sweep_parts([Part(self.active_slots(), list(seeds), kernel, self.param_groups)])
+        """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each active block.
+
+        A deferred update (``lazy_update``) is applied in the same pass, to each block before
+        ``kernel`` sees it: every kernel reads only its own block, so that is the eager order.
+        """
+        self._sweep_parts([*self._take_deferred(), Part(self.active_slots(), list(seeds), kernel, self.param_groups)])
 
     def _sweep_parts(self, parts: Sequence[Part]) -> None:
         """One pass over the union of the parts' slots; per block, each part containing the

@@ -102,7 +102,8 @@ class LazyHooks:
                 opt.flush()
 
         self.handles = [
-            module.register_forward_pre_hook(flush),
+            # prepend: before FSDP2's pre-forward all-gather, which would gather displaced shards
+            module.register_forward_pre_hook(flush, prepend=True),
             module.register_state_dict_pre_hook(flush),
             module.register_load_state_dict_pre_hook(flush),
         ]
