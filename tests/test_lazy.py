@@ -359,6 +359,30 @@ def test_train_loop_flushes_before_evaluation_checkpoints_and_at_the_end(tmp_pat
     assert not lazy[0].has_pending_update  # end of training
 
 
+def test_train_lazy_update_can_be_turned_off(tmp_path, monkeypatch):
+    import functools
+
+    import zotune.optim.engine as engine
+    from zotune.testing import tiny_causal_lm, tiny_tokenizer
+    from zotune.train import TrainConfig, train
+
+    built = []
+    real_init = engine.ZOOptimizer.__init__
+
+    @functools.wraps(real_init)  # keeps the signature: zotune train's option check reads it
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        built.append(self)
+
+    monkeypatch.setattr(engine.ZOOptimizer, "__init__", init)
+    tok = tiny_tokenizer()
+    config = TrainConfig(task="sst2", steps=2, batch_size=4, max_dev=4, max_test=0, eval_batch_size=4,
+                         progress=False, lr=1e-3, eps=1e-2, eval_every=0, eval_before=False,
+                         optimizer_args={"lazy_update": False}, output_dir=str(tmp_path / "run"))
+    train(config, model=tiny_causal_lm("llama", vocab_size=len(tok), seed=0), tokenizer=tok)
+    assert built and not built[-1].lazy_update and built[-1].pass_counts["deferred"] == 0
+
+
 def test_zotrainer_runs_lazy_and_flushes_for_evaluate_save_and_end(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 

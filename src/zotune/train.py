@@ -390,9 +390,10 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
     from zotune.optim.engine import ZOOptimizer
 
-    # lazy fused update (2 passes per step): this loop flushes it before every evaluation,
-    # checkpoint and the end of training (see zotune.optim.lazy)
-    lazy = {"lazy_update": True} if issubclass(plan.optimizer_cls, ZOOptimizer) else {}
+    # lazy fused update (2 passes per step): this loop flushes it before every evaluation, the
+    # checkpoints and the end of training (see zotune.optim.lazy); --opt lazy_update=false turns it off
+    lazy_default = issubclass(plan.optimizer_cls, ZOOptimizer) and "lazy_update" not in plan.optimizer_kwargs
+    lazy = {"lazy_update": True} if lazy_default else {}
     optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs, **lazy,
                                    comm=dist.comm(check_every=100) if dist is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
