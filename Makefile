@@ -6,13 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEMO_DIR ?= runs/demo
+# PyPI's Linux x86_64 torch wheel is the CUDA build (GBs); on a CPU-only machine pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build.
+TORCH_INDEX ?=
 
 .PHONY: demo test test-slow lint bench-step bench-functions bench-quadratic gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# the CPU build of torch first, so the range in pyproject.toml pulls nothing bigger
-	$(PIP) install -q torch==2.13.0
+	# torch first, pinned, so the range in pyproject.toml pulls no other build
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev,gguf]"
 	touch $@
 

@@ -18,6 +18,7 @@ import zotune.optim as zo
 from zotune.bench import functions as fb
 from zotune.bench import step as sb
 from zotune.bench import step_memory
+from zotune.bench.step_cases import default_distribution
 
 
 def step_args(tmp_path, *argv: str) -> argparse.Namespace:
@@ -43,8 +44,10 @@ def test_step_tiny_end_to_end(tmp_path, capsys):
     assert data["config"]["params"] > 0 and data["config"]["threads"] == 2
     assert positive(data["timing"]["forward"]["median_s"])
     keys = {row["key"] for row in data["rows"]}
-    # every registered optimizer (Gaussian), ZO-SGD with Rademacher too, and MeZO's reference code
-    assert {f"{name}/gaussian" for name in zo.available()} | {"ZOSGD/rademacher", sb.NAIVE} <= keys
+    # every registered optimizer with its own default z (FZOO: Rademacher), ZO-SGD with both, MeZO's reference
+    own = {f"{name}/{default_distribution(zo.get(name))}" for name in zo.available()}
+    assert "FZOO/rademacher" in own and "LOZO/gaussian" in own
+    assert own | {"ZOSGD/gaussian", "ZOSGD/rademacher", sb.NAIVE} <= keys
     for row in data["rows"]:
         assert row["forwards_per_step"] >= 1
         assert row["error"] is None, row  # every registered method must run with its defaults
@@ -90,7 +93,8 @@ def test_select_cases_distributions():
                                      "ZOAdam/rademacher"]
     default = sb.select_cases(None, None, naive=False)
     assert [c.key for c in default if c.distribution == "rademacher"] == [
-        "ZOSGD/rademacher", f"{lezo}/rademacher", f"{lazy}/rademacher", f"{lezo_lazy}/rademacher"]
+        "ZOSGD/rademacher", f"{lezo}/rademacher", f"{lazy}/rademacher", f"{lezo_lazy}/rademacher",
+        "FZOO/rademacher"]  # FZOO's own default
     assert {c.optimizer for c in default} == set(zo.available())
     every = {c.key for c in sb.select_cases(["zo-adam", "hizoo"], "gaussian", naive=False, lazy="all")}
     assert "ZOAdam[lazy_update=True]/gaussian" in every  # lazy-capable

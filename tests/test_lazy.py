@@ -66,6 +66,7 @@ VARIANTS = {
     "exact_restore": dict(exact_restore=True),
     "layer_fraction": dict(layer_fraction=0.5),
     "bf16+layer_fraction": dict(dtype=torch.bfloat16, layer_fraction=0.34),
+    "cyclic layers": dict(layer_fraction=0.34, layer_schedule="cyclic"),  # consecutive steps: disjoint layers
     "threads": dict(num_threads=3),
 }
 

@@ -378,3 +378,33 @@ def test_layer_fraction_builds_factors_for_the_sampled_layers_only(name):
     opt.step(lambda: model(x).pow(2).mean())
     moved = [i for i, (a, p) in enumerate(zip(before, model.parameters())) if not torch.equal(a, p)]
     assert len(moved) == 2 and all(indices == moved for indices in seen)
+
+
+def test_lozo_m_momentum_decays_and_moves_on_the_steps_a_layer_is_sampled_out():
+    """LOZO-M under layer sampling is LOZO-M with a zero estimate on a layer's sampled-out steps:
+    two matrices, half per step in cyclic order (A on even steps, B on odd), V fixed (interval
+    100). A's update at step 2 first replays step 1 for A (M = beta M0, W -= lr beta M0 V^T),
+    then makes step 2's (M2 = beta^2 M0 + (1 - beta) c2 U2, W -= lr M2 V^T). float64, 1e-12."""
+    from zotune.optim.lowrank import step_seed, window_seed
+    from zotune.optim.noise import mix_seed
+
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(5, 4, dtype=torch.float64)) for _ in range(2))
+    x = torch.randn(8, 4, dtype=torch.float64)
+    beta, lr, seed = 0.5, 1e-2, 3
+    opt = zo.LOZOM([a, b], lr=lr, rank=2, interval=100, beta=beta, seed=seed, layer_fraction=0.5,
+                   layer_schedule="cyclic", num_threads=1)
+    closure = lambda: (x @ a.T).tanh().sum() + (x @ b.T).pow(2).mean()  # noqa: E731
+    v = gaussian(window_seed(seed, "lozo.V", 0, 0), 4, 2, dtype=torch.float64)
+    opt.step(closure)  # step 0: A
+    m0, w0 = opt.state[a]["momentum_factor"].clone(), a.detach().clone()
+    opt.step(closure)  # step 1: B; A untouched
+    assert torch.equal(a.detach(), w0) and torch.equal(opt.state[a]["momentum_factor"], m0)
+    opt.step(closure)  # step 2: A, with the replay of step 1
+    c2 = opt.zo_state["last_projected_grads"][0]
+    u2 = gaussian(step_seed(mix_seed(seed, 2, 0), 0), 5, 2, dtype=torch.float64)
+    m2 = beta**2 * m0 + (1 - beta) * c2 * u2
+    torch.testing.assert_close(opt.state[a]["momentum_factor"], m2, rtol=1e-12, atol=1e-12)
+    expected = w0 - lr * beta * m0 @ v.T - lr * m2 @ v.T
+    torch.testing.assert_close(a.detach(), expected, rtol=1e-12, atol=1e-12)
+    assert opt.state[a]["last_step"] == 2 and opt.state[b]["last_step"] == 1

@@ -215,12 +215,20 @@ class ModelArgs(ConfigGroup):
     cache_mb: float = option(1024.0, "memory bound (MB) of the frozen-bottom activation cache: the blocks "
                                      "below the lowest trainable weight run once per example; 0 switches it "
                                      "off", min=0)
+    offload: str = option("none", "where the decoder blocks live: none (on --device), or cpu: in pinned CPU "
+                                  "memory, streamed through the GPU one block at a time, for models larger "
+                                  "than GPU memory (zosgd, zo-momentum, zo-sign, zo-adam, helene; one process; "
+                                  "see docs/offload.md)", choices=("none", "cpu"))
 
     def check(self) -> None:
         """The tuning mode must be known, and the device exist on this machine."""
         parse_peft_mode(self.peft, "--peft")
         if self.lora_layers is not None and parse_peft_mode(self.peft, "--peft")[0] != "lora":
             raise UserError(f"--lora-layers applies to --peft lora only (the mode is {self.peft!r})")
+        if self.offload != "none":
+            refusal = offload_device_refusal(self.device)
+            if refusal is not None:
+                raise UserError(refusal)
         if self.device is None:
             return
         import torch
@@ -232,6 +240,19 @@ class ModelArgs(ConfigGroup):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {self.device}: this machine has no CUDA GPU available to torch; "
                             "use --device cpu (or omit --device)")
+
+
+def offload_device_refusal(device: str | None) -> str | None:
+    """Why ``--offload cpu`` cannot run with ``--device`` here (None: it can): it needs a CUDA GPU."""
+    import torch
+
+    if device is not None and not str(device).startswith("cuda"):
+        return (f"--offload cpu streams the decoder blocks from CPU memory through a CUDA GPU; with --device "
+                f"{device} the weights are in that memory already: drop --offload")
+    if not torch.cuda.is_available():
+        return ("--offload cpu streams the decoder blocks from CPU memory through a CUDA GPU, and this machine "
+                "has none available to torch: drop --offload")
+    return None
 
 
 @dataclass

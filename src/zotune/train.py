@@ -42,6 +42,7 @@ from zotune.checkpoint import load_trainable, save_trainable, trainable_state  #
 from zotune.config import PEFT_MODES, TrainConfig
 from zotune.errors import UserError
 from zotune.models.tuning import parse_peft_mode
+from zotune.offload.checks import DATA_PARALLEL_REFUSAL, attach_offload
 from zotune.preflight import (  # noqa: F401 (TRAJECTORY_FIELDS, check_optimizer_args: public here too)
     TRAJECTORY_FIELDS,
     _check_model_config,
@@ -211,6 +212,8 @@ def build_model(config: TrainConfig, device: torch.device | None = None):
 
     _check_model_config(config.model)
     try:
+        if config.offload != "none":
+            device = torch.device("cpu")  # the blocks stay there; StreamingOffload moves the rest
         model, tokenizer = load_model(config.model, dtype=config.dtype,
                                       device=str(device) if device is not None else config.device)
     except _corrupt_weight_errors() as e:
@@ -306,6 +309,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = init_distributed()
+    if config.offload != "none" and dist is not None:
+        raise UserError(f"--offload {config.offload}: {DATA_PARALLEL_REFUSAL}")
     # checked here, announced by start_run: a mistake found later must print one line only
     resolved["data_parallel"] = data_parallel_info(dist, config.batch_size, announce=False)
     out = _check_output_dir(config)
@@ -336,6 +341,16 @@ class Run:
     #: the trajectory.zot writer (main process), see :mod:`zotune.trajectory`
     trajectory: Any = None
     cache: Any = None  #: the :class:`~zotune.models.ActivationCache`, or None when it is off
+    offload: Any = None  #: the :class:`~zotune.offload.StreamingOffload` of --offload cpu, or None
+
+    def flush(self) -> None:
+        """Apply a pending (lazy) update before the weights are read directly (checkpoints): the
+        offload's block update and the engine's ``lazy_update``."""
+        if self.offload is not None:
+            self.offload.flush()
+        flush = getattr(self.optimizer, "flush", None)
+        if flush is not None:
+            flush()
 
     @property
     def config(self) -> TrainConfig:
@@ -358,8 +373,11 @@ class Run:
         return {k: float(v) for k, v in metrics.items()}
 
     def close(self) -> None:
-        """Close the progress bar and the metrics log; take the activation cache off the model; apply a
-        pending lazy update (also after an exception: a caller's model must hold every update)."""
+        """Close the progress bar and the metrics log; take the activation cache and the offload hooks off;
+        apply a pending lazy update (also after an exception: a caller's model must hold every update)."""
+        if self.offload is not None:
+            self.offload.close()  # flushes the pending update; the blocks stay in CPU memory
+            self.offload = None
         flush = getattr(self.optimizer, "flush", None)
         if flush is not None:
             flush()
@@ -392,10 +410,14 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
 
     # lazy fused update (2 passes per step): this loop flushes it before every evaluation, the
     # checkpoints and the end of training (see zotune.optim.lazy); --opt lazy_update=false turns it off
-    lazy_default = issubclass(plan.optimizer_cls, ZOOptimizer) and "lazy_update" not in plan.optimizer_kwargs
+    # --offload streams blocks with a lazy update of its own (zotune.offload): the engine's stays off there
+    lazy_default = (issubclass(plan.optimizer_cls, ZOOptimizer) and "lazy_update" not in plan.optimizer_kwargs
+                    and config.offload == "none")
     lazy = {"lazy_update": True} if lazy_default else {}
     optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs, **lazy,
                                    comm=dist.comm(check_every=100) if dist is not None else None)
+    offload = attach_offload(model, optimizer, config.offload, config.device,
+                             generates=config.objective == "f1" and task.kind == "generation")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     # everything that can fail has run: only now may the output directory be replaced
     if dist is not None:
@@ -426,14 +448,17 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
 
     log = MetricsLog(out / "metrics.jsonl", plan.is_main, out / "tensorboard" if config.tensorboard else None)
     run = Run(plan, task, model, tokenizer, objective, optimizer, scheduler, log, loop, trainable,
-              trajectory=trajectory)
+              trajectory=trajectory, offload=offload)
     if plan.is_main:
         data_parallel_info(dist, config.batch_size)  # every check has passed: say how the job runs
     model_name = type(model).__name__ if model_given else config.model
     run.say(f"zotune: {plan.optimizer_cls.__name__} on {task.name} ({len(task.train)} train / {len(task.dev)} dev / "
             f"{len(task.test)} test), model {model_name}, {config.peft} tuning: {trainable:,} trainable "
             f"parameters, lr {plan.resolved['lr']:g}, eps {plan.resolved['eps']:g}, batch {config.batch_size}")
-    run.cache = attach_cache(model, config, run.say)
+    if offload is not None:
+        run.say(f"zotune: offload: {offload.describe()}; activation cache off (every block is streamed)")
+    else:
+        run.cache = attach_cache(model, config, run.say)
     return run
 
 
@@ -534,6 +559,7 @@ def evaluate_and_checkpoint(run: Run) -> None:
             run.say(f"zotune: early stop: no dev gain in {config.early_stop} evaluations")
             run.stopped_early = True
     if run.plan.is_main and ((config.save_every and loop["step"] % config.save_every == 0) or run.stopped_early):
+        run.flush()
         checkpoint.save_checkpoint(out, run.model, run.optimizer, run.scheduler, loop)
 
 
@@ -541,6 +567,7 @@ def finish_run(run: Run) -> dict[str, Any]:
     """Write the final checkpoint, reload the best weights, evaluate dev and test, and write
     results.json and curves.png; returns the results."""
     plan, config, loop, out, dist = run.plan, run.config, run.loop, run.plan.out, run.plan.dist
+    run.flush()
     if plan.is_main and config.steps > 0:
         checkpoint.save_checkpoint(out, run.model, run.optimizer, run.scheduler, loop)
     if dist is not None:

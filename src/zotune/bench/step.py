@@ -5,8 +5,8 @@ random token ids, one interleaved run measures
 
 * **F**, the time of one forward pass returning the causal-LM loss (``inference_mode``,
   eval mode, dropout 0);
-* the step time of every registered optimizer (Gaussian z; Rademacher for ZO-SGD too, or for
-  all with ``--distribution both``), printed as ``step / (forwards_per_step * F)``,
+* the step time of every registered optimizer (with its own default z: Gaussian, FZOO
+  Rademacher; both for ZO-SGD, or for all with ``--distribution both``), printed as ``step / (forwards_per_step * F)``,
   ``step / 2F`` and relative to ZO-SGD's step with the same distribution;
 * the step time of **MeZO's reference code** (:class:`NaiveMeZO`: ``torch.manual_seed``,
   per-parameter ``torch.normal``, out-of-place ``p.data = p.data + s * z * eps``, a separate
@@ -129,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimizer names or aliases (default: every registered one); "
                              f"{REFERENCE} is always timed as the reference")
     parser.add_argument("--distribution", choices=("gaussian", "rademacher", "both"), default=None,
-                        help="z distribution of every method (default: Gaussian, plus Rademacher for ZO-SGD)")
+                        help="z distribution of every method (default: each method's own, Gaussian unless "
+                             "it says otherwise, plus both for ZO-SGD)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write every figure to this JSON file")
@@ -210,11 +211,11 @@ def format_report(result: dict[str, Any]) -> str:
         m = row.get("memory") or {}
         name = row.get("name", row["optimizer"])
         if row.get("error") and not t:
-            rows.append([name, row["distribution"][:5], fmt(row["forwards_per_step"], "g"),
+            rows.append([name, row["distribution"][:5], fmt(row["forwards_per_step"], ".3g"),
                          len(row["state_buffers"]), DASH, "FAILED: " + row["error"][:60], *([DASH] * 10)])
             continue
         rows.append([
-            name, row["distribution"][:5], fmt(row["forwards_per_step"], "g"), len(row["state_buffers"]),
+            name, row["distribution"][:5], fmt(row["forwards_per_step"], ".3g"), len(row["state_buffers"]),
             fmt(t.get("passes_per_step"), ".2f"), fmt(t.get("step_s"), ".2f"), fmt(t.get("step_over_kF"), ".2f", "x"),
             fmt(t.get("step_over_2F"), ".2f", "x"), fmt(t.get("vs_reference"), ".2f", "x"),
             fmt(t.get("speedup_vs_naive"), ".2f", "x"), fmt(m.get("peak_over_inference"), ".3f", "x"),
@@ -228,9 +229,9 @@ def format_report(result: dict[str, Any]) -> str:
         "the weights per timed step (3 for an eager ZO-SGD step, 2 with lazy_update); step/kF and "
         "step/2F: step time over k or 2 forwards of the same round; vs ZO-SGD: step time over ZO-SGD's "
         "(same z); peak/inf: peak RSS above the import baseline over inference's; extra xP: (step peak - "
-        "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors / parameter "
-        "bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block temporaries, "
-        "allocator); load: cores other processes used meanwhile (median); "
+        "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors and cached "
+        "factors / parameter bytes (exact); overhead MB: extra memory beyond that state (noise buffers, block "
+        "temporaries, allocator); load: cores other processes used meanwhile (median); "
         f"clean: rounds in which the step and the forwards ran with other load < {CLEAN_LOAD} cores (ratios "
         "use only those when there are at least two).",
     ]

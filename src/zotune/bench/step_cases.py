@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,8 +85,8 @@ def select_cases(optimizers: list[str] | None, distribution: str | None, naive: 
             dists = ["gaussian", "rademacher"]
         elif distribution in ("gaussian", "rademacher"):
             dists = [distribution]
-        else:
-            dists = ["gaussian", "rademacher"] if name == REFERENCE else ["gaussian"]
+        else:  # the method's own default (FZOO: Rademacher, the paper's), both for ZO-SGD
+            dists = ["gaussian", "rademacher"] if name == REFERENCE else [default_distribution(zo.get(name))]
         cls = zo.get(name)
         for d in dists:
             # extra rows with non-default options (the class's ``bench_variants``, e.g. HiZOO's
@@ -98,6 +99,12 @@ def select_cases(optimizers: list[str] | None, distribution: str | None, naive: 
                                   tuple(getattr(cls, "state_buffers", ())), str(getattr(cls, "summary", "")),
                                   options=dict(options)))
     return cases
+
+
+def default_distribution(cls: type) -> str:
+    """The z distribution a method's constructor defaults to (``"gaussian"`` unless it says otherwise)."""
+    param = inspect.signature(cls.__init__).parameters.get("distribution")
+    return "gaussian" if param is None or param.default is inspect.Parameter.empty else str(param.default)
 
 
 def make_runner(case: Case, model: nn.Module, seed: int = 0) -> Any:
@@ -115,11 +122,14 @@ def declared_state(runner: Any, case: Case) -> tuple[str, ...]:
 
 
 def state_bytes(runner: Any) -> int:
-    """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)."""
+    """Bytes of every tensor the optimizer keeps in ``state`` (its fp32 buffers, masters, factors)
+    and of the factors it caches between steps (``cached_tensors()``: the low-rank methods' V, U, P)."""
     if not isinstance(runner, torch.optim.Optimizer):
         return 0
     if hasattr(runner, "_prepare"):
         runner._prepare()  # the state exists before the first step
     total = sum(t.numel() * t.element_size() for st in runner.state.values() for t in st.values() if torch.is_tensor(t))
+    cached = getattr(runner, "cached_tensors", None)
+    total += sum(t.numel() * t.element_size() for t in cached()) if callable(cached) else 0
     shadows = getattr(runner, "_shadows", None) or {}
     return total + sum(t.numel() * t.element_size() for t in shadows.values())

@@ -56,7 +56,7 @@ from zotune.optim.blocks import Block, NonFiniteLoss, StepRecord, _Slot, trainab
 from zotune.optim.checks import check_choice, check_range
 from zotune.optim.checks import check_positive_int as check_positive_int  # re-exported for the methods
 from zotune.optim.comm import Communicator
-from zotune.optim.layers import layer_subset, layer_units
+from zotune.optim.layers import LAYER_SCHEDULES, layer_subset, layer_units
 from zotune.optim.lazy import LazyHooks, Part, group_snapshot, register_lazy
 from zotune.optim.noise import (
     DEFAULT_BLOCK_SIZE,
@@ -103,6 +103,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         layer_fraction: perturb and update only this fraction of the layers per step, chosen
             from the step seed (LeZO / MeZO-BCD; see :mod:`zotune.optim.layers`). The other
             layers and their optimizer state are not touched: no noise, no pass. 1.0: all.
+        layer_schedule: the order of the layer subsets: ``"random"`` (LeZO), ``"cyclic"`` or
+            ``"permuted"`` (MeZO-BCD's cyclic orders; see :mod:`zotune.optim.layers`).
         lazy_update: defer each step's restore + update pass into the next step's first
             perturbation pass (2 passes per step instead of 3; the same arithmetic, so the
             trajectory is bit-identical). Between steps the weights then sit at
@@ -158,6 +160,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         noise_device: str | torch.device | None = None,
         comm: Communicator | None = None,
         layer_fraction: float = 1.0,
+        layer_schedule: str = "random",
         lazy_update: bool = False,
     ):
         check_range("eps", eps, 0.0, low_open=True)
@@ -165,6 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_range("layer_fraction", layer_fraction, 0.0, 1.0, low_open=True, high_open=False)
+        check_choice("layer_schedule", layer_schedule, LAYER_SCHEDULES)
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.comm = comm if comm is not None else Communicator()
@@ -180,6 +184,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.noise_device = torch.device(noise_device) if noise_device is not None else None
         self.num_threads = num_threads
         self.layer_fraction = float(layer_fraction)
+        self.layer_schedule = layer_schedule
         #: global scalars: saved by state_dict(), restored by load_state_dict()
         self.zo_state: dict[str, Any] = {
             "seed": int(seed),
@@ -367,6 +372,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "distribution": self.distribution,
             "block_size": self.block_size,
             "layer_fraction": self.layer_fraction,
+            "layer_schedule": self.layer_schedule,
             "class": type(self).__name__,
         }
         return sd
@@ -394,6 +400,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.distribution = extra.pop("distribution", self.distribution)
             self.block_size = int(extra.pop("block_size", self.block_size))
             self.layer_fraction = float(extra.pop("layer_fraction", self.layer_fraction))
+            self.layer_schedule = extra.pop("layer_schedule", self.layer_schedule)
             self.zo_state.update(extra)
         self._slots = None
 
@@ -627,7 +634,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.layer_fraction >= 1.0 or not slots:
             return slots
         n_units = max(s.unit for s in slots) + 1
-        chosen = layer_subset(self.zo_state["seed"], self.zo_state["step"], n_units, self.layer_fraction)
+        chosen = layer_subset(self.zo_state["seed"], self.zo_state["step"], n_units, self.layer_fraction,
+                              self.layer_schedule)
         return [s for s in slots if s.unit in chosen]
 
     def _work_items(self, slots: Sequence[_Slot] | None = None) -> list[tuple[_Slot, int, int, int, int, int]]:

@@ -10,6 +10,19 @@ optimizers built from tensors rather than a module treat each tensor as a layer.
 ``max(1, round(layer_fraction * units))`` units without replacement, from a generator seeded
 by ``mix_seed(seed, step, LAYER_SUBSET_SAMPLE)``: a pure function of (seed, step), the same on
 every rank and after a resume.
+
+``layer_schedule`` chooses the order in which the units are visited (MeZO-BCD's block
+selection rules):
+
+* ``"random"`` (default; LeZO): an independent random subset of k units every step;
+* ``"cyclic"``: the units in their model order (embeddings, block 0, 1, ..., final norm, head),
+  k per step: a cycle of ``ceil(units / k)`` steps visits every unit exactly once (the last
+  group of a cycle is smaller when k does not divide the number of units);
+* ``"permuted"``: cyclic over a fresh random permutation per cycle (random reshuffling), the
+  permutation of cycle c drawn from ``mix_seed(seed, c, LAYER_CYCLE_SAMPLE)``.
+
+Every schedule is a pure function of (seed, step, number of units, fraction), so a resumed or
+replayed run visits the same units.
 """
 
 from __future__ import annotations
@@ -24,6 +37,10 @@ from zotune.optim.noise import mix_seed
 #: the ``sample`` slot of :func:`~zotune.optim.noise.mix_seed` reserved for the layer subset
 #: (direction seeds use small sample numbers and HiZOO's warm-up probes 2**20 + k)
 LAYER_SUBSET_SAMPLE = (1 << 40) + 1
+#: the ``sample`` slot of the per-cycle permutation of the ``"permuted"`` schedule
+LAYER_CYCLE_SAMPLE = (1 << 40) + 2
+#: the orders in which units are visited (see the module docstring)
+LAYER_SCHEDULES = ("random", "cyclic", "permuted")
 
 
 def layer_key(name: str) -> str:
@@ -47,10 +64,26 @@ def subset_size(n_units: int, fraction: float) -> int:
     return min(n_units, max(1, math.floor(fraction * n_units + 0.5)))
 
 
-def layer_subset(seed: int, step: int, n_units: int, fraction: float) -> frozenset[int]:
+def cycle_length(n_units: int, fraction: float) -> int:
+    """Steps of one cycle of the ``cyclic`` and ``permuted`` schedules: ``ceil(units / k)``."""
+    return -(-n_units // subset_size(n_units, fraction))
+
+
+def layer_subset(seed: int, step: int, n_units: int, fraction: float,
+                 schedule: str = "random") -> frozenset[int]:
     """The units step ``step`` perturbs and updates (all of them when ``fraction >= 1``)."""
     k = subset_size(n_units, fraction)
     if k >= n_units:
         return frozenset(range(n_units))
-    gen = torch.Generator().manual_seed(mix_seed(seed, step, LAYER_SUBSET_SAMPLE))
-    return frozenset(torch.randperm(n_units, generator=gen)[:k].tolist())
+    if schedule == "random":
+        gen = torch.Generator().manual_seed(mix_seed(seed, step, LAYER_SUBSET_SAMPLE))
+        return frozenset(torch.randperm(n_units, generator=gen)[:k].tolist())
+    cycle, position = divmod(step, cycle_length(n_units, fraction))
+    if schedule == "cyclic":
+        order = list(range(n_units))
+    elif schedule == "permuted":
+        gen = torch.Generator().manual_seed(mix_seed(seed, cycle, LAYER_CYCLE_SAMPLE))
+        order = torch.randperm(n_units, generator=gen).tolist()
+    else:
+        raise ValueError(f"layer_schedule must be one of {', '.join(LAYER_SCHEDULES)}, got {schedule!r}")
+    return frozenset(order[position * k : (position + 1) * k])

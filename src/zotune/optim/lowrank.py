@@ -186,6 +186,10 @@ class MatrixZO(ZOOptimizer):
         g0 = block.slot.row_offset + block.r0
         return a[g0 : g0 + (block.r1 - block.r0)]
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The window factors kept between steps (memory accounting: ``zotune bench step``'s state column)."""
+        return list(self._windows.values())
+
     # ------------------------------------------------------------------ engine hooks
     def slot_noise_streams(self, param: torch.Tensor) -> int:
         return 0 if self.is_matrix(param) else self.noise_streams

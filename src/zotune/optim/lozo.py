@@ -121,53 +121,76 @@ class LOZOM(LOZO):
                 return gi
         raise KeyError("parameter not in this optimizer")
 
-    def _mixing(self) -> dict[int, torch.Tensor]:
-        """Per matrix, V_old^T V_new / n at a refresh of V (the first step of a window > 0)."""
-        out = {}
-        for slot in self._slots or []:
-            if not self.is_matrix(slot.param):
-                continue
-            g = self.param_groups[slot.group_index]
-            w = self.window(g["interval"])
-            if w == 0 or self.step_count % g["interval"]:
-                continue
-            v_old = self.column_factor(slot.param, slot.index, w - 1, g)
-            v_new = self.column_factor(slot.param, slot.index, w, g)
-            out[slot.index] = v_old.T @ v_new / v_new.shape[0]
-        return out
+    def _projection(self, slot, window: int) -> torch.Tensor:
+        """V_{w-1}^T V_w / n: carries momentum from window w - 1 into window w (a refresh of V)."""
+        g = self.param_groups[slot.group_index]
+        v_old = self.column_factor(slot.param, slot.index, window - 1, g)
+        v_new = self.column_factor(slot.param, slot.index, window, g)
+        return v_old.T @ v_new / v_new.shape[0]
+
+    def _catch_up(self, slot) -> tuple[list[tuple[torch.Tensor | None, float, float, torch.Tensor | None]],
+                                       torch.Tensor | None]:
+        """What LOZO-M's rule did to this parameter on the steps it was sampled out (see the class doc).
+
+        Returns the segments of skipped steps, one per window of V they fall in, as (projection
+        into the window or None, sum of beta^i over the segment, beta^(steps), V^T of the window;
+        None for vectors), and the projection at this step (or None).
+        """
+        g, t = self.param_groups[slot.group_index], self.step_count
+        beta, nu = g["beta"], g["interval"]
+        t0 = self.state[slot.param].get("last_step", t - 1)  # a checkpoint from before: no gap
+        matrix = self.is_matrix(slot.param)
+        segments = []
+        if t0 < 0:  # never updated: the momentum is zero
+            return segments, None
+        window, s = t0 // nu, t0 + 1
+        while s < t:
+            w = s // nu if matrix else window
+            end = min(t, (w + 1) * nu) if matrix else t
+            j = end - s
+            segments.append((self._projection(slot, w) if w != window else None,
+                             beta * (1.0 - beta**j) / (1.0 - beta), beta**j,
+                             self.column_factor(slot.param, slot.index, w, g).T if matrix else None))
+            window, s = w, end
+        final = self._projection(slot, t // nu) if matrix and t // nu != window else None
+        return segments, final
 
     def _zo_step(self, closure: Closure) -> float:
         seed = self._seed()
         plus, minus, c = self._spsa(closure, seed)
         first = self.zo_state["updates"] == 0
+        active = self.active_slots()
         with single_threaded():
-            mixing = {} if first else self._mixing()
+            plans = {} if first else {slot.index: self._catch_up(slot) for slot in active}
 
         def kernel(block: Block, noises: Noises) -> None:
             g = block.group
-            beta = g["beta"]
+            beta, lr = g["beta"], g["lr"]
             st = block.state
+            segments, final = plans.get(block.slot.index, ([], None))
             if "momentum_factor" in st:
                 a, b = self._factors[seed][block.slot.index]
                 m = st["momentum_factor"][block.r0 : block.r1]
                 u = self.row_factor(block, a)
-                if first:
-                    m.copy_(u).mul_(c)
-                else:
-                    if block.slot.index in mixing:
-                        m.copy_(low_rank_product(m, mixing[block.slot.index]))
-                    m.mul_(beta).add_(u, alpha=(1.0 - beta) * c)
-                step = low_rank_product(m, b)
             else:
-                m = block.view(st["momentum"])
-                if first:
-                    m.copy_(noises[0][0]).mul_(c)
-                else:
-                    m.mul_(beta).add_(noises[0][0], alpha=(1.0 - beta) * c)
-                step = m
+                m, u = block.view(st["momentum"]), noises[0][0]
+            # the momentum's steps while the layer was sampled out (layer_fraction), applied now
+            for proj, coef, decay, vt in segments:
+                if proj is not None:
+                    m.copy_(low_rank_product(m, proj))
+                block.param.add_(m if vt is None else low_rank_product(m, vt), alpha=-lr * coef)
+                m.mul_(decay)
+            if first:
+                m.copy_(u).mul_(c)
+            else:
+                if final is not None:
+                    m.copy_(low_rank_product(m, final))
+                m.mul_(beta).add_(u, alpha=(1.0 - beta) * c)
             block.decay_weights()
-            block.param.add_(step, alpha=-g["lr"])
+            block.param.add_(m if "momentum" in st else low_rank_product(m, b), alpha=-lr)
 
         self._ensure_factors([seed])
         self._update([seed], kernel)
+        for slot in active:
+            self.state[slot.param]["last_step"] = self.step_count
         return 0.5 * (plus + minus)

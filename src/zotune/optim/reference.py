@@ -34,7 +34,8 @@ class ReferenceZO:
 
     def __init__(self, params: Sequence[torch.Tensor], *, eps: float = 1e-3, seed: int = 0,
                  distribution: str = "gaussian", block_size: int = DEFAULT_BLOCK_SIZE,
-                 layer_fraction: float = 1.0, units: Sequence[int] | None = None, **hp: float):
+                 layer_fraction: float = 1.0, layer_schedule: str = "random", units: Sequence[int] | None = None,
+                 **hp: float):
         self.params = list(params)
         self.eps, self.seed, self.distribution, self.block_size = eps, seed, distribution, block_size
         self.hp = hp
@@ -42,7 +43,7 @@ class ReferenceZO:
         self.updates = 0
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
         # layer sampling: units[k] is the layer of parameter k (default: one layer per tensor)
-        self.layer_fraction = layer_fraction
+        self.layer_fraction, self.layer_schedule = layer_fraction, layer_schedule
         self.units = list(units) if units is not None else list(range(len(self.params)))
         self.frozen: set[int] = set()  # parameters outside this step's layer subset
 
@@ -78,7 +79,8 @@ class ReferenceZO:
     def step(self, closure: Closure) -> None:
         """One step; with ``layer_fraction < 1`` the layers outside the step's subset, and their
         state, are put back exactly as they were (the step never touched them)."""
-        chosen = layer_subset(self.seed, self.step_count, max(self.units) + 1, self.layer_fraction)
+        chosen = layer_subset(self.seed, self.step_count, max(self.units) + 1, self.layer_fraction,
+                              self.layer_schedule)
         self.frozen = {k for k, unit in enumerate(self.units) if unit not in chosen}
         kept = {k: (self.params[k].detach().clone(), _clone_state(self.state[k])) for k in self.frozen}
         self._step(closure)

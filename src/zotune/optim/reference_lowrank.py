@@ -68,6 +68,26 @@ class RefLOZO(_RefMatrix):
 
 
 class RefLOZOM(RefLOZO):
+    def catch_up(self, k: int, beta: float, lr: float, nu: int) -> None:
+        """LOZO-M's rule on the steps parameter k was sampled out, replayed one step at a time:
+        no estimate (c = 0), so the momentum decays (projected at each refresh of V) and moves W."""
+        st, p, dims = self.state[k], self.params[k], self.dims(self.params[k])
+        t0 = st.get("t0")
+        if t0 is None:
+            return
+        for s in range(t0 + 1, self.step_count):
+            if dims is None:
+                st["m"] = beta * st["m"]
+                p.sub_(lr * st["m"])
+                continue
+            n, r = dims[1], st["M"].shape[1]
+            v = self.window_factor(k, "lozo.V", s // nu, n, r, orth=False)
+            if s % nu == 0:
+                v_old = self.window_factor(k, "lozo.V", s // nu - 1, n, r, orth=False)
+                st["M"] = st["M"] @ v_old.T @ v / n
+            st["M"] = beta * st["M"]
+            p.sub_(lr * (st["M"] @ v.T).reshape(p.shape))
+
     def _step(self, closure: Closure) -> None:
         beta, lr, nu = self.hp.get("beta", 0.9), self.hp["lr"], self.hp.get("interval", 50)
 
@@ -77,9 +97,14 @@ class RefLOZOM(RefLOZO):
 
         c = self.spsa(closure, self.directions(direction))
         z = self.dense()
+        if self.updates:
+            for k in range(len(self.params)):
+                if k not in self.frozen:
+                    self.catch_up(k, beta, lr, nu)
         self.decay()
         for k, p in enumerate(self.params):
             st, dims = self.state[k], self.dims(p)
+            st["t0"] = self.step_count  # (put back for the step's sampled-out layers by step())
             if dims is None:
                 g = c * z[k]
                 st["m"] = g if self.updates == 0 else beta * st.get("m", torch.zeros_like(p)) + (1 - beta) * g
