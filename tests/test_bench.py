@@ -85,12 +85,36 @@ def test_step_fails_when_an_optimizer_raises(tmp_path, monkeypatch, capsys):
 def test_select_cases_distributions():
     both = sb.select_cases(["zo-adam"], "both")
     lezo = "ZOSGD[layer_fraction=0.25]"  # ZOSGD.bench_variants
-    assert [c.key for c in both] == [sb.NAIVE, "ZOSGD/gaussian", f"{lezo}/gaussian", "ZOSGD/rademacher",
-                                     f"{lezo}/rademacher", "ZOAdam/gaussian", "ZOAdam/rademacher"]
+    # ZO-SGD's rows also come lazy (lazy_update=True: 2 passes per step), each on its own model copy
+    lazy, lezo_lazy = "ZOSGD[lazy_update=True]", "ZOSGD[layer_fraction=0.25,lazy_update=True]"
+    assert [c.key for c in both] == [sb.NAIVE, "ZOSGD/gaussian", f"{lezo}/gaussian", f"{lazy}/gaussian",
+                                     f"{lezo_lazy}/gaussian", "ZOSGD/rademacher", f"{lezo}/rademacher",
+                                     f"{lazy}/rademacher", f"{lezo_lazy}/rademacher", "ZOAdam/gaussian",
+                                     "ZOAdam/rademacher"]
     default = sb.select_cases(None, None, naive=False)
-    assert [c.key for c in default if c.distribution == "rademacher"] == ["ZOSGD/rademacher", f"{lezo}/rademacher",
-                                                                          "FZOO/rademacher"]  # FZOO's own default
+    assert [c.key for c in default if c.distribution == "rademacher"] == [
+        "ZOSGD/rademacher", f"{lezo}/rademacher", f"{lazy}/rademacher", f"{lezo_lazy}/rademacher",
+        "FZOO/rademacher"]  # FZOO's own default
     assert {c.optimizer for c in default} == set(zo.available())
+    every = {c.key for c in sb.select_cases(["zo-adam", "hizoo"], "gaussian", naive=False, lazy="all")}
+    assert "ZOAdam[lazy_update=True]/gaussian" in every  # lazy-capable
+    assert not any("lazy" in k for k in every if k.startswith("HiZOO"))  # not lazy-capable: no twin
+    none = sb.select_cases(["zo-adam"], "gaussian", naive=False, lazy="none")
+    assert not any(c.lazy for c in none)
+
+
+def test_lazy_rows_step_their_own_model_and_report_passes():
+    """A lazy row gets its own copy of the model (another row's forward would flush it through the
+    hooks), and its timed steps make 2 passes each against the eager row's 3."""
+    cases = sb.select_cases(["zosgd"], "gaussian", naive=False)
+    model = sb.build_model("tiny")
+    batch = sb.make_batch(model.config.vocab_size, 2, 8)
+    sb.construct(cases, model, 0, log=lambda *_: None, batch=batch)
+    lazy = next(c for c in cases if c.key == "ZOSGD[lazy_update=True]/gaussian")
+    assert lazy.runner.module is not model and lazy.closure is not None
+    timing = sb.time_cases(model, sb.make_closure(model, batch), cases, rounds=1, passes=False, log=lambda *_: None)
+    assert timing["cases"]["ZOSGD/gaussian"]["passes_per_step"] == 3
+    assert timing["cases"]["ZOSGD[lazy_update=True]/gaussian"]["passes_per_step"] == 2
 
 
 def test_variant_rows_and_exact_state_accounting():

@@ -129,6 +129,22 @@ def worker_main(ctx: DistContext, out: Path) -> None:
                 res["divergence"] = None
             except ReplicaDivergenceError as e:
                 res["divergence"] = {"message": str(e), "step": opt.step_count}
+    # the lazy fused update (2 passes per step) with the data-parallel comm and with FSDP2: the same
+    # weights as the eager runs above; the replica check (every CHECK_EVERY steps) flushes first
+    for name in ("ZOSGD", "ZOAdam"):
+        for how in ("dp", "fsdp"):
+            model = make_net()
+            if how == "fsdp":
+                fully_shard_for_zo(model)
+            opt = zo.create(name, model, **OPTIMIZERS[name], **TRAIN_KW, lazy_update=True,
+                            comm=ctx.comm(check_every=4))  # checks (and flushes) at step 4; step 6 stays pending
+            losses = train(model, opt, rows)
+            pending = opt.has_pending_update
+            with torch.no_grad():  # a forward outside a step (evaluation): the hook flushes first
+                seen = model(global_batch()[0])
+            res[f"lazy-{how}/{name}"] = {"weights": full_weights(model), "losses": losses, "pending": pending,
+                                         "flushed": not opt.has_pending_update, "out": seen.detach().clone(),
+                                         "deferred": opt.pass_counts["deferred"], "flushes": opt.pass_counts["flushed"]}
     # FSDP2, two ways: zotune's helper + params; plain fully_shard + optimizer built from the module
     from torch.distributed.fsdp import fully_shard
 
@@ -234,6 +250,27 @@ def ranks(tmp_path_factory) -> list[dict]:
     assert r1.returncode == 3, f"rank 1: rc {r1.returncode}, killed {r1.killed}\n{r1.stderr[-4000:]}"
     assert r0.returncode == 0, f"rank 0: rc {r0.returncode}, killed {r0.killed}\n{r0.stderr[-4000:]}"
     return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+@pytest.mark.parametrize("how", ["dp", "fsdp"])
+@pytest.mark.parametrize("name", ["ZOSGD", "ZOAdam"])
+def test_lazy_update_equals_eager_under_data_parallel_and_fsdp(ranks, name, how):
+    """lazy_update=True with the process-group comm (and FSDP2 shards): bit for bit the eager
+    data-parallel run, ranks identical; a forward outside a step (with FSDP2: before its
+    all-gather) sees the updated weights."""
+    eager = ranks[0][f"dp/{name}"]
+    for r in ranks:
+        lazy = r[f"lazy-{how}/{name}"]
+        assert lazy["pending"] and lazy["flushed"] and lazy["deferred"] == STEPS
+        assert lazy["flushes"] == 2  # the replica check at step 4, the forward at the end
+        assert lazy["losses"] == eager["losses"]
+        for k, w in eager["weights"].items():
+            assert torch.equal(lazy["weights"][k], w), k
+    model = make_net()
+    model.load_state_dict(eager["weights"])
+    with torch.no_grad():
+        want = model(global_batch()[0])
+    torch.testing.assert_close(ranks[0][f"lazy-{how}/{name}"]["out"], want, rtol=1e-6, atol=1e-6)
 
 
 def test_launch_and_context(ranks):

@@ -51,7 +51,10 @@ PAUSE_ENV = "ZOTUNE_TEST_CHECKPOINT_PAUSE"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (``requires_grad``) parameters, on the CPU, by name."""
+    """The trainable (``requires_grad``) parameters, on the CPU, by name (a lazy update is applied first)."""
+    from zotune.optim.lazy import flush_pending
+
+    flush_pending(model)
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 

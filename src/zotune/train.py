@@ -344,9 +344,13 @@ class Run:
     offload: Any = None  #: the :class:`~zotune.offload.StreamingOffload` of --offload cpu, or None
 
     def flush(self) -> None:
-        """Apply a pending (lazy) block update before the weights are read directly (checkpoints)."""
+        """Apply a pending (lazy) update before the weights are read directly (checkpoints): the
+        offload's block update and the engine's ``lazy_update``."""
         if self.offload is not None:
             self.offload.flush()
+        flush = getattr(self.optimizer, "flush", None)
+        if flush is not None:
+            flush()
 
     @property
     def config(self) -> TrainConfig:
@@ -360,17 +364,23 @@ class Run:
 
     def evaluate(self, examples: list, split: str) -> dict[str, float]:
         """Metrics of the current weights on ``examples`` (a split of the task)."""
+        from zotune.optim.lazy import flush_pending
         from zotune.tasks import evaluate
 
+        flush_pending(self.model)  # the forward hook would too; explicit, as for every observation point
         metrics = evaluate(self.model, self.tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
                            max_length=self.config.max_length)
         return {k: float(v) for k, v in metrics.items()}
 
     def close(self) -> None:
-        """Close the progress bar and the metrics log; take the activation cache and the offload hooks off."""
+        """Close the progress bar and the metrics log; take the activation cache and the offload hooks off;
+        apply a pending lazy update (also after an exception: a caller's model must hold every update)."""
         if self.offload is not None:
             self.offload.close()  # flushes the pending update; the blocks stay in CPU memory
             self.offload = None
+        flush = getattr(self.optimizer, "flush", None)
+        if flush is not None:
+            flush()
         if self.cache is not None:
             self.cache.close()  # a caller's model gets its plain forward back
             self.cache = None
@@ -396,7 +406,15 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
         model, tokenizer = build_model(config, dist.device if dist is not None else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = make_objective(model, tokenizer, task, objective=config.objective, max_length=config.max_length)
-    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs,
+    from zotune.optim.engine import ZOOptimizer
+
+    # lazy fused update (2 passes per step): this loop flushes it before every evaluation, the
+    # checkpoints and the end of training (see zotune.optim.lazy); --opt lazy_update=false turns it off
+    # --offload streams blocks with a lazy update of its own (zotune.offload): the engine's stays off there
+    lazy_default = (issubclass(plan.optimizer_cls, ZOOptimizer) and "lazy_update" not in plan.optimizer_kwargs
+                    and config.offload == "none")
+    lazy = {"lazy_update": True} if lazy_default else {}
+    optimizer = plan.optimizer_cls(model, **plan.optimizer_kwargs, **lazy,
                                    comm=dist.comm(check_every=100) if dist is not None else None)
     offload = attach_offload(model, optimizer, config.offload, config.device,
                              generates=config.objective == "f1" and task.kind == "generation")
@@ -420,7 +438,6 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     elif plan.is_main:
         (out / "config.json").write_text(json.dumps(plan.resolved, indent=2))
     trajectory = None
-    from zotune.optim.engine import ZOOptimizer
 
     # every step's seeds and scalars, for `zotune replay` (a first-order baseline has no seeds to record)
     if plan.is_main and isinstance(optimizer, ZOOptimizer):
@@ -507,6 +524,9 @@ def run_steps(run: Run) -> None:
         evaluate_and_checkpoint(run)
         if run.stopped_early:
             break
+    flush = getattr(run.optimizer, "flush", None)
+    if flush is not None:
+        flush()  # end of training: the weights hold every update
     if run.bar is not None:
         run.bar.close()
         run.bar = None

@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import sys
@@ -104,6 +105,10 @@ TARGETS: list[tuple[str, str, float, str]] = [
     ("ZO-SGD Rademacher step / 2F", "step_over_2F", 1.15, "ZOSGD/rademacher"),
     ("ZO-SGD Gaussian peak / inference peak", "peak_over_inference", 1.02, "ZOSGD/gaussian"),
     ("ZO-SGD layer_fraction=0.25 Gaussian step / 2F", "step_over_2F", 1.05, "ZOSGD[layer_fraction=0.25]/gaussian"),
+    ("ZO-SGD lazy Gaussian step / 2F", "step_over_2F", 1.15, "ZOSGD[lazy_update=True]/gaussian"),
+    ("ZO-SGD lazy Rademacher step / 2F", "step_over_2F", 1.06, "ZOSGD[lazy_update=True]/rademacher"),
+    ("ZO-SGD lazy layer_fraction=0.25 Gaussian step / 2F", "step_over_2F", 1.05,
+     "ZOSGD[layer_fraction=0.25,lazy_update=True]/gaussian"),
     ("HiZOO step / ZO-SGD step", "vs_reference", 1.35, "HiZOO/gaussian"),
     ("HiZOO hessian_every=2 step / ZO-SGD step", "vs_reference", 1.35, "HiZOO[hessian_every=2]/gaussian"),
     ("HiZOO optimizer state (x params, exact)", "state_params", 1.0, "HiZOO/gaussian"),
@@ -142,6 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure only peak memory (no timing; memory does not depend on the load)")
     parser.add_argument("--no-passes", action="store_true", help="skip timing single perturbation passes")
     parser.add_argument("--no-naive", action="store_true", help="skip MeZO's reference code")
+    parser.add_argument("--lazy", choices=("reference", "all", "none"), default="reference",
+                        help="which methods that support lazy_update also get a lazy row (2 passes per step; "
+                             "each on its own copy of the model): ZO-SGD (default), all, none")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                         help=f"before each round wait up to this long for other processes to use < "
                              f"{CLEAN_LOAD} cores (default: 0)")
@@ -195,7 +203,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{timing['forward'].get('clean_rounds', 0)}/{cfg['rounds']} rounds clean)",
         "",
     ]
-    headers = ["method", "z", "fwd", "state", "step s", "step/kF", "step/2F", "vs ZO-SGD",
+    headers = ["method", "z", "fwd", "state", "passes", "step s", "step/kF", "step/2F", "vs ZO-SGD",
                "x faster than MeZO ref", "peak/inf", "extra xP", "state xP", "overhead MB", "load", "clean"]
     rows = []
     for row in result["rows"]:
@@ -204,11 +212,11 @@ def format_report(result: dict[str, Any]) -> str:
         name = row.get("name", row["optimizer"])
         if row.get("error") and not t:
             rows.append([name, row["distribution"][:5], fmt(row["forwards_per_step"], ".3g"),
-                         len(row["state_buffers"]), "FAILED: " + row["error"][:60], *([DASH] * 10)])
+                         len(row["state_buffers"]), DASH, "FAILED: " + row["error"][:60], *([DASH] * 10)])
             continue
         rows.append([
             name, row["distribution"][:5], fmt(row["forwards_per_step"], ".3g"), len(row["state_buffers"]),
-            fmt(t.get("step_s"), ".2f"), fmt(t.get("step_over_kF"), ".2f", "x"),
+            fmt(t.get("passes_per_step"), ".2f"), fmt(t.get("step_s"), ".2f"), fmt(t.get("step_over_kF"), ".2f", "x"),
             fmt(t.get("step_over_2F"), ".2f", "x"), fmt(t.get("vs_reference"), ".2f", "x"),
             fmt(t.get("speedup_vs_naive"), ".2f", "x"), fmt(m.get("peak_over_inference"), ".3f", "x"),
             fmt(m.get("extra_params"), ".3f"), fmt(m.get("state_params"), ".3f"), fmt(m.get("overhead_mb"), ".1f"),
@@ -217,7 +225,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append(markdown_table(headers, rows))
     lines += [
         "",
-        "fwd: forwards per step (k); state: parameter-sized buffers the method declares; step/kF and "
+        "fwd: forwards per step (k); state: parameter-sized buffers the method declares; passes: sweeps over "
+        "the weights per timed step (3 for an eager ZO-SGD step, 2 with lazy_update); step/kF and "
         "step/2F: step time over k or 2 forwards of the same round; vs ZO-SGD: step time over ZO-SGD's "
         "(same z); peak/inf: peak RSS above the import baseline over inference's; extra xP: (step peak - "
         "inference peak) / fp32 parameter bytes; state xP: bytes of the optimizer's state tensors and cached "
@@ -254,11 +263,19 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def construct(cases: list[Case], model: torch.nn.Module, seed: int, log: Callable[[str], None] = print) -> None:
-    """Build every case's optimizer; one that raises gets ``case.error`` (the run then fails)."""
+def construct(cases: list[Case], model: torch.nn.Module, seed: int, log: Callable[[str], None] = print,
+              batch: dict[str, torch.Tensor] | None = None) -> None:
+    """Build every case's optimizer; one that raises gets ``case.error`` (the run then fails).
+
+    A lazy row gets its own copy of the model (and a closure on it) when ``batch`` is given.
+    """
     for c in cases:
         try:
-            c.runner = make_runner(c, model, seed)
+            own = model
+            if c.lazy and batch is not None:
+                own = copy.deepcopy(model)
+                c.closure = make_closure(own, batch)
+            c.runner = make_runner(c, own, seed)
             c.state_buffers = declared_state(c.runner, c)
             c.forwards_per_step = getattr(c.runner, "forwards_per_step", c.forwards_per_step)  # options may change it
         except Exception as e:  # recorded in the row; run() turns any error row into a failed run
@@ -284,14 +301,14 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         raise UserError("--rounds must be >= 1")
     if args.memory_only and args.no_memory:
         raise UserError("--memory-only and --no-memory exclude each other")
-    cases = select_cases(args.optimizers, args.distribution, naive=not args.no_naive)
+    cases = select_cases(args.optimizers, args.distribution, naive=not args.no_naive, lazy=args.lazy)
     model = build_model(args.model_shape, args.seed)
     batch_t = make_batch(model.config.vocab_size, batch, seq, args.seed + 1)
     closure = make_closure(model, batch_t)
     n = param_count(model)
     log(f"zotune bench step: {args.model_shape}, {n:,} parameters, batch {batch}x{seq}, "
         f"{torch.get_num_threads()} threads; cases: {', '.join(c.key for c in cases)}")
-    construct(cases, model, args.seed, log)
+    construct(cases, model, args.seed, log, batch=batch_t)
     if args.memory_only:
         timing: dict[str, Any] = {"forward": {"median_s": float("nan"), "other_load_median": float("nan")},
                                   "cases": {}, "passes": {}, "rounds": []}
@@ -299,7 +316,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         timing = time_cases(model, closure, cases, rounds=args.rounds, passes=not args.no_passes,
                             quiet_wait=args.quiet_wait, seed=args.seed, log=log)
     for c in cases:
-        c.runner = None  # free optimizer state before the memory subprocesses
+        c.runner = c.closure = None  # free optimizer state (and lazy rows' model copies) before the memory subprocesses
     gc.collect()
     memory = None if args.no_memory else measure_memory(cases, args, 4 * n, log=log)
     rows = []

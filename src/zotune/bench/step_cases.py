@@ -30,6 +30,15 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)  # constructor options of a variant row
     error: str | None = None
     runner: Any = field(default=None, repr=False)  # the optimizer / NaiveMeZO instance
+    #: a lazy row's own closure: it steps its own copy of the model, so that no other row's forward
+    #: (which flushes a pending update through the module's hooks) runs on its weights
+    closure: Any = field(default=None, repr=False)
+    passes: int = 0  # passes over the weights during timed steps (engine counter)
+    steps: int = 0
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.options.get("lazy_update"))
 
     @property
     def name(self) -> str:
@@ -58,8 +67,13 @@ class Case:
         return cls(name, dist, options=json.loads(options[0]) if options else {})
 
 
-def select_cases(optimizers: list[str] | None, distribution: str | None, naive: bool = True) -> list[Case]:
-    """The rows: every requested optimizer (ZO-SGD always) with its distributions."""
+def select_cases(optimizers: list[str] | None, distribution: str | None, naive: bool = True,
+                 lazy: str = "reference") -> list[Case]:
+    """The rows: every requested optimizer (ZO-SGD always) with its distributions.
+
+    ``lazy``: which ``lazy_capable`` methods also get a ``lazy_update=True`` twin of each row:
+    ``"reference"`` (ZO-SGD only), ``"all"`` or ``"none"``.
+    """
     import zotune.optim as zo
 
     names = resolve_optimizers(optimizers)
@@ -77,7 +91,10 @@ def select_cases(optimizers: list[str] | None, distribution: str | None, naive: 
         for d in dists:
             # extra rows with non-default options (the class's ``bench_variants``, e.g. HiZOO's
             # lazy Hessian refresh), timed and measured like the others
-            for options in [{}, *cls.bench_variants]:
+            variants = [{}, *cls.bench_variants]
+            if getattr(cls, "lazy_capable", False) and (lazy == "all" or (lazy == "reference" and name == REFERENCE)):
+                variants += [{**o, "lazy_update": True} for o in variants]
+            for options in variants:
                 cases.append(Case(name, d, int(getattr(cls, "forwards_per_step", 2)),
                                   tuple(getattr(cls, "state_buffers", ())), str(getattr(cls, "summary", "")),
                                   options=dict(options)))

@@ -46,6 +46,20 @@ def _pass_fn(case: Case, sign: float) -> Callable[[], None]:
     return engine_pass
 
 
+def _step_fn(case: Case, closure: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One step of the case, counting the passes over the weights it made (engine optimizers)."""
+    runner = case.runner
+    counts = getattr(runner, "pass_counts", None)
+
+    def step() -> None:
+        before = counts["passes"] if counts is not None else 0
+        runner.step(closure)
+        case.passes += (counts["passes"] - before) if counts is not None else 0
+        case.steps += 1
+
+    return step
+
+
 def warm_up(closure: Callable[[], torch.Tensor], cases: list[Case], log: Callable[[str], None] = print) -> None:
     """One step of every case: allocates state, spins up worker pools, touches every code path.
 
@@ -56,7 +70,7 @@ def warm_up(closure: Callable[[], torch.Tensor], cases: list[Case], log: Callabl
         if c.error is not None:
             continue
         try:
-            c.runner.step(closure)
+            c.runner.step(c.closure or closure)
         except Exception as e:  # recorded in the row; run() turns any error row into a failed run
             c.error = f"step failed: {type(e).__name__}: {e}"
             log(f"  {c.key}: {c.error}")
@@ -65,10 +79,10 @@ def warm_up(closure: Callable[[], torch.Tensor], cases: list[Case], log: Callabl
 def build_tasks(closure: Callable[[], torch.Tensor], runnable: list[Case], passes: bool) -> list[Task]:
     """Two forwards, one step per case and (with ``passes``) a +/- pass of ZO-SGD and MeZO's code."""
     tasks: list[Task] = [("forward", "F", closure), ("forward", "F", closure)]
-    tasks += [("step", c.key, (lambda c=c: c.runner.step(closure))) for c in runnable]
+    tasks += [("step", c.key, _step_fn(c, c.closure or closure)) for c in runnable]
     if passes:
         for c in runnable:
-            if c.optimizer in (NAIVE, REFERENCE):
+            if c.optimizer in (NAIVE, REFERENCE) and not c.lazy:  # a lone pass would consume the deferred update
                 tasks += [("pass", c.key, _pass_fn(c, +1.0)), ("pass", c.key, _pass_fn(c, -1.0))]
     return tasks
 
@@ -146,6 +160,7 @@ def summarise(samples: Samples, runnable: list[Case], n_params: int) -> dict[str
             "other_load_max": max(samples.loads("step", c.key), default=float("nan")),
             "clean_rounds": len(samples.clean_rounds("step", c.key)),
             "rounds_used": idx,
+            "passes_per_step": c.passes / c.steps if c.steps and c.optimizer != NAIVE else None,
         }
     for key in [c.key for c in runnable if ("pass", c.key) in samples.data]:
         p, idx = samples.per_round_mean("pass", key), samples.used_rounds("pass", key)

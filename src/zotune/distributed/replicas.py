@@ -127,6 +127,7 @@ def check_replicas(optimizer: ZOOptimizer) -> int:
     group = getattr(comm, "group", None)
     if group is None:
         return 0
+    optimizer.flush()  # a lazy update pending: compare the weights and state the step produced
     device = comm.device
     comparisons: dict[Any, _Comparison] = {}
     header = torch.tensor(

@@ -165,8 +165,9 @@ class ZOTrainer(Trainer):
             if isinstance(spec, zo.ZOOptimizer):
                 self.optimizer = spec
             else:
+                # lazy fused update: flushed by evaluate/save_model/train below and by the model's hooks
                 kwargs = {"lr": self.args.learning_rate, "weight_decay": self.args.weight_decay,
-                          "seed": self.args.seed, **self.zo_kwargs}
+                          "seed": self.args.seed, "lazy_update": True, **self.zo_kwargs}
                 if self.zo_distributed and "comm" not in kwargs:
                     from zotune.distributed import ProcessGroupComm
 
@@ -193,8 +194,28 @@ class ZOTrainer(Trainer):
             opt = inner
         return opt
 
+    def _flush(self) -> None:
+        """Apply a pending lazy update (before anything reads the weights)."""
+        if self.optimizer is not None:
+            self.zo_optimizer.flush()
+
+    def evaluate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self._flush()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self._flush()
+        return super().predict(*args, **kwargs)
+
+    def save_model(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._flush()
+        super().save_model(*args, **kwargs)
+
     def train(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        result = super().train(*args, **kwargs)
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            self._flush()  # end of training (or an exception): the weights hold every update
         if self.zo_distributed:
             from zotune.distributed import check_replicas
 

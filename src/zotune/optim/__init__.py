@@ -15,6 +15,7 @@ from zotune.optim.fzoo import FZOO
 from zotune.optim.helene import HELENE
 from zotune.optim.hizoo import HiZOO
 from zotune.optim.hizoo_lowrank import HiZOOLowRank
+from zotune.optim.lazy import flush_pending
 from zotune.optim.lozo import LOZO, LOZOM
 from zotune.optim.registry import available, create, get, register
 from zotune.optim.sparse_mezo import SparseMeZO
@@ -54,6 +55,7 @@ __all__ = [
     "ZOSGDSign",
     "available",
     "create",
+    "flush_pending",
     "get",
     "register",
     "trainable_param_groups",

@@ -52,6 +52,7 @@ class DiZO(ZOOptimizer):
     state_buffers = ("anchor",)  # matrices only; vectors are not projected
     lr_by_mode = {"full": 1e-6}  # the authors' README (OPT-2.7B, SST-2)
     reference = "zotune.optim.reference_sparse:RefDiZO"
+    lazy_capable = True  # plain steps only: a projection step reads theta (lazy_step_ok)
     test_kwargs = {"lr": 1e-2, "interval": 1, "projection_iters": 2}
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
@@ -77,6 +78,9 @@ class DiZO(ZOOptimizer):
         """Steps kappa, 2 kappa + 1, ... (every kappa + 1-th, 0-based) are projection steps."""
         step = self.step_count if step is None else step
         return step % (self.interval + 1) == self.interval
+
+    def lazy_step_ok(self) -> bool:
+        return not self.is_projection_step()  # the projection search reads theta before it displaces
 
     def _zo_step(self, closure: Closure) -> float:
         if self.is_projection_step():

@@ -10,6 +10,10 @@
 * **restore + update** -- :meth:`ZOOptimizer._update` undoes the pending displacement and
   applies the method's update rule in the *same* pass over each block, so one step costs
   the forwards plus three regenerations of z (MeZO's reference code needs four);
+* **lazy fused update** -- with ``lazy_update=True`` that restore + update pass is deferred
+  and run inside the first perturbation pass of the next step (ZO2's rule), so a steady-state
+  step makes two passes over the weights instead of three; the pending update is flushed
+  before anything can observe the weights (see :mod:`zotune.optim.lazy`);
 * **safety** -- if the closure raises, or a loss is NaN/inf, the parameters are restored
   before the exception propagates (NaN steps are skipped and counted in
   ``optimizer.zo_state["skipped_steps"]``);
@@ -53,6 +57,7 @@ from zotune.optim.checks import check_choice, check_range
 from zotune.optim.checks import check_positive_int as check_positive_int  # re-exported for the methods
 from zotune.optim.comm import Communicator
 from zotune.optim.layers import LAYER_SCHEDULES, layer_subset, layer_units
+from zotune.optim.lazy import LazyHooks, Part, group_snapshot, register_lazy
 from zotune.optim.noise import (
     DEFAULT_BLOCK_SIZE,
     DISTRIBUTIONS,
@@ -100,6 +105,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             layers and their optimizer state are not touched: no noise, no pass. 1.0: all.
         layer_schedule: the order of the layer subsets: ``"random"`` (LeZO), ``"cyclic"`` or
             ``"permuted"`` (MeZO-BCD's cyclic orders; see :mod:`zotune.optim.layers`).
+        lazy_update: defer each step's restore + update pass into the next step's first
+            perturbation pass (2 passes per step instead of 3; the same arithmetic, so the
+            trajectory is bit-identical). Between steps the weights then sit at
+            ``theta - eps z`` with the update pending: :meth:`flush` applies it, and so do
+            ``state_dict()``, the module's ``state_dict()`` / ``load_state_dict()`` / forward
+            (when the optimizer was built from the module), evaluation and checkpoints in
+            zotune's own loops. Reading ``p.data`` directly needs :meth:`flush` first, which is
+            why the default is ``False`` (plain torch.optim semantics). Only methods whose
+            class sets ``lazy_capable`` defer; the others ignore the flag.
     """
 
     # Everything zotune knows about a method lives on its class, so that adding a method means
@@ -127,6 +141,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     test_kwargs: dict[str, Any] = {"lr": 1e-3}
     #: extra ``zotune bench step`` rows with non-default constructor options
     bench_variants: tuple[dict[str, Any], ...] = ()
+    #: the update kernel may run deferred, inside the next step's first displacement pass
+    #: (``lazy_update=True``): it captures every per-step value it reads, reads only its own
+    #: block's state, and the next step displaces before it forwards or reads weights/state
+    lazy_capable: bool = False
 
     def __init__(
         self,
@@ -143,6 +161,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         comm: Communicator | None = None,
         layer_fraction: float = 1.0,
         layer_schedule: str = "random",
+        lazy_update: bool = False,
     ):
         check_range("eps", eps, 0.0, low_open=True)
         check_range("lr", defaults.get("lr", 0.0), 0.0)
@@ -187,6 +206,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._closureless_step_is_noop = False
+        self.lazy_update = bool(lazy_update)
+        self._deferred: Part | None = None  # the previous step's restore + update, not yet applied
+        self._defer_ok = False  # this step's update may be deferred (set at the start of a step)
+        self._in_step = False
+        #: sweeps over the weights (passes), updates deferred, deferred updates flushed on their own
+        self.pass_counts = {"passes": 0, "deferred": 0, "flushed": 0}
+        self._hooks: LazyHooks | None = None
+        if self.lazy_update:
+            register_lazy(self)
+            if self.module is not None:
+                self._hooks = LazyHooks(self, self.module)
 
     # ------------------------------------------------------------------ method hooks
     def init_state(self, param: torch.Tensor, state: dict) -> None:
@@ -236,7 +266,15 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}.step() needs a closure that runs a forward pass and "
                 "returns the loss (zeroth-order optimizers do not use .grad)"
             )
-        self._prepare()
+        self._in_step = True
+        try:
+            self._prepare()
+            self._defer_ok = self.lazy_update and self.lazy_capable and self.lazy_step_ok()
+            if not self._defer_ok:
+                self.flush()  # this step may read theta before it displaces
+        except BaseException:
+            self._in_step = False
+            raise
         module, was_training = self.module, bool(self.module is not None and self.module.training)
         if module is not None:
             module.eval()
@@ -246,14 +284,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             loss = self._zo_step(closure)
             self.zo_state["updates"] += 1
         except NonFiniteLoss as e:
-            self._restore_pending()
+            self._abort_step()  # a NaN step: nothing of it is deferred, the weights are theta
             self.zo_state["skipped_steps"] += 1
             self.zo_state["last_losses"] = e.losses
             loss = float("nan")
         except BaseException:
-            self._restore_pending()
+            self._abort_step()
             raise
         finally:
+            self._in_step = self._defer_ok = False
             if module is not None and was_training:
                 module.train()
         self._record.projected_grads = [float(c) for c in self.zo_state["last_projected_grads"]]
@@ -269,6 +308,29 @@ class ZOOptimizer(torch.optim.Optimizer):
         taken the zeroth-order step inside the loss computation (``transformers.Trainer``).
         """
         self._closureless_step_is_noop = True
+
+    def lazy_step_ok(self) -> bool:
+        """Whether this step may start with the previous update still pending (``lazy_capable``
+        methods whose rule reads theta on some steps only, like DiZO's projection steps, override it)."""
+        return True
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the pending (deferred) update now; a no-op without one. Safe to call any time."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self.pass_counts["flushed"] += 1
+            self._sweep_parts([deferred])
+
+    @property
+    def has_pending_update(self) -> bool:
+        """True between steps while ``lazy_update`` holds a deferred update (weights at theta - eps z)."""
+        return self._deferred is not None
+
+    def _abort_step(self) -> None:
+        """After an exception or a NaN inside a step: weights back to where the step started, updated."""
+        self._restore_pending()
+        self.flush()  # the previous step's update, if this step failed before fusing it
 
     @torch.no_grad()
     def replay_step(self, record: StepRecord) -> None:
@@ -302,6 +364,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return int(self.zo_state["step"])
 
     def state_dict(self) -> dict[str, Any]:
+        self.flush()
         sd = super().state_dict()
         sd["zotune"] = {
             **{k: (list(v) if isinstance(v, list) else v) for k, v in self.zo_state.items()},
@@ -316,6 +379,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = dict(state_dict.get("zotune", {}))
+        self.flush()  # the pending update belongs to the old state
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter dtype; zotune state is fp32
         params = [p for g in self.param_groups for p in g["params"]]
@@ -341,11 +405,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._slots = None
 
     def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_deferred", None) is not None:
+            self.flush()
         super().add_param_group(param_group)
         self._slots = None
 
     def __getstate__(self) -> dict[str, Any]:
+        self.flush()  # a deferred update holds closures: apply it rather than copy it
         state = dict(self.__dict__)
+        state["_hooks"] = None
         state["_pool"] = None
         state["_pool_lock"] = None
         state["_slots"] = None
@@ -354,6 +422,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._pool_lock = threading.Lock()
+        if self.lazy_update:
+            register_lazy(self)
+            if self.module is not None:
+                self._hooks = LazyHooks(self, self.module)
 
     # ------------------------------------------------------------------ building blocks for methods
     def _seed(self, sample: int = 0) -> int:
@@ -365,6 +437,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _forward(self, closure: Closure) -> float:
         """Run the closure once and return its (local) loss as a float."""
+        if self._deferred is not None:
+            self.flush()  # a forward at theta (before any displacement) must see the update
         loss = closure()
         self.zo_state["forwards"] += 1
         if torch.is_tensor(loss):
@@ -427,6 +501,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._sweep([seed], kernel)
         self._pending[seed] = after
 
+    def _take_deferred(self) -> list[Part]:
+        """The deferred update as the first part of the coming sweep (each block gets it first)."""
+        deferred, self._deferred = self._deferred, None
+        return [deferred] if deferred is not None else []
+
     def _restore(self, seed: int) -> None:
         """Undo the pending displacement along ``u(seed)``."""
         offsets = self._pending.get(seed)
@@ -457,6 +536,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             if block.slot.master is not None:
                 block.slot.data[block.r0 : block.r1].copy_(block.param)
 
+        if self._defer_ok:
+            # lazy: run in the next step's first displacement (or at a flush); the kernel sees
+            # the groups as they are now, so an lr change in between does not leak into it
+            self.flush()
+            self._deferred = Part(self.active_slots(), list(seeds), fused, group_snapshot(self.param_groups))
+            self.pass_counts["deferred"] += 1
+            return
         self._sweep(list(seeds), fused)
 
     def _restore_pending(self) -> None:
@@ -479,13 +565,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the block sweep
     def _prepare(self) -> None:
         if self._slots is None or self._signature != self._trainable_signature():
+            self.flush()  # with the slots it was made for
             self._slots = self._build_slots()  # (re)built when parameters are frozen or unfrozen
         for slot in self._slots:
             state = self.state[slot.param]
             if not state.get("_initialised", False):
                 self.init_state(slot.param, state)
                 state["_initialised"] = True
-        if self.exact_restore:
+        if self.exact_restore and self._deferred is None:  # pending: the weights are displaced, not edited
             for slot in self._slots:
                 if slot.param.dtype not in LOW_PRECISION and slot.master is not None:
                     slot.master.copy_(slot.data)  # refresh the shadow in case weights were edited
@@ -551,10 +638,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                               self.layer_schedule)
         return [s for s in slots if s.unit in chosen]
 
-    def _work_items(self) -> list[tuple[_Slot, int, int, int, int, int]]:
-        """(slot, block j, local r0, local r1, noise-row start, noise-row stop) per block of the active slots."""
+    def _work_items(self, slots: Sequence[_Slot] | None = None) -> list[tuple[_Slot, int, int, int, int, int]]:
+        """(slot, block j, local r0, local r1, noise-row start, noise-row stop) per block of ``slots``
+        (default: the active slots)."""
         items = []
-        for slot in self.active_slots():
+        for slot in self.active_slots() if slots is None else slots:
             lo, hi = slot.row_offset, slot.row_offset + slot.local_rows
             for j in slot.layout.blocks_overlapping(lo, hi):
                 b0, b1 = slot.layout.block_rows(j)
@@ -577,11 +665,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1, by_size))
 
     def _sweep(self, seeds: Sequence[int], kernel: Callable[[Block, Noises], None]) -> None:
-        """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each block."""
-        items = self._work_items()
+        """Regenerate the noise of ``seeds`` block by block and call ``kernel`` on each active block.
+
+        A deferred update (``lazy_update``) is applied in the same pass, to each block before
+        ``kernel`` sees it: every kernel reads only its own block, so that is the eager order.
+        """
+        self._sweep_parts([*self._take_deferred(), Part(self.active_slots(), list(seeds), kernel, self.param_groups)])
+
+    def _sweep_parts(self, parts: Sequence[Part]) -> None:
+        """One pass over the union of the parts' slots; per block, each part containing the
+        block's slot regenerates its seeds' noise and runs its kernel, in the order of ``parts``.
+
+        A lazy step's first displacement is two parts: the deferred restore + update of the
+        previous step (its own layer subset, its lr) and the +eps displacement of this step.
+        """
+        members = [{s.index for s in part.slots} for part in parts]
+        wanted = set().union(*members)
+        slots = [s for s in self._slots or [] if s.index in wanted]
+        items = self._work_items(slots)
+        self.pass_counts["passes"] += 1
         nthreads = min(self._threads(), max(1, len(items)))
         streams_of = {slot.index: self.slot_noise_streams(slot.param) for slot in self._slots or []}
-        groups = self.param_groups
         max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []), default=1)
 
         def run(worker: int) -> None:
@@ -589,7 +693,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 work(worker)
 
         def work(worker: int) -> None:
-            buffers: dict[tuple[str, int], torch.Tensor] = {}
+            buffers: dict[tuple[str, int], torch.Tensor] = {}  # shared by the parts: one runs after the other
 
             def buffer(device: torch.device, k: int) -> torch.Tensor:
                 key = (str(device), k)
@@ -603,19 +707,23 @@ class ZOOptimizer(torch.optim.Optimizer):
                 count = shape[0] * shape[1]
                 device = slot.data.device
                 gen_device = self.noise_device or device
-                noises: Noises = []
                 streams = streams_of[slot.index]
-                for si, seed in enumerate(seeds):
-                    streams_z = []
-                    for t in range(streams):
-                        k = si * streams + t
-                        z = buffer(gen_device, k)[:count].view(shape)
-                        fill_noise(z, block_seed(seed, slot.index, j, t), self.distribution)
-                        if gen_device != device:
-                            z = buffer(device, k)[:count].view(shape).copy_(z)
-                        streams_z.append(z[n0:n1])
-                    noises.append(streams_z)
-                kernel(Block(slot, r0, r1, groups[slot.group_index], self.state[slot.param]), noises)
+                for pi, part in enumerate(parts):
+                    if slot.index not in members[pi]:
+                        continue
+                    noises: Noises = []
+                    for si, seed in enumerate(part.seeds):
+                        streams_z = []
+                        for t in range(streams):
+                            k = si * streams + t
+                            z = buffer(gen_device, k)[:count].view(shape)
+                            fill_noise(z, block_seed(seed, slot.index, j, t), self.distribution)
+                            if gen_device != device:
+                                z = buffer(device, k)[:count].view(shape).copy_(z)
+                            streams_z.append(z[n0:n1])
+                        noises.append(streams_z)
+                    block = Block(slot, r0, r1, part.groups[slot.group_index], self.state[slot.param])
+                    part.kernel(block, noises)
 
         if nthreads == 1:
             run(0)

@@ -65,6 +65,7 @@ class HELENE(ZOOptimizer):
     state_buffers = ("momentum", "hessian")
     lr_by_mode = {"full": 1e-6, "lora": 5e-5, "prefix": 1e-2}  # the same starting points as ZO-SGD
     reference = "zotune.optim.reference_methods:RefHELENE"
+    lazy_capable = True  # the kernel captures its per-step values and reads its own block's state only
     test_kwargs = dict(lr=1e-3, hessian_interval=2)
 
     def __init__(

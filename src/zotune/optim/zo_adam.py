@@ -30,6 +30,7 @@ class ZOAdam(ZOOptimizer):
     state_buffers = ("exp_avg", "exp_avg_sq")
     lr_by_mode = {"full": 1e-5, "lora": 1e-4, "prefix": 1e-3}  # starting points from the ZO-Bench grids
     reference = "zotune.optim.reference:RefZOAdam"
+    lazy_capable = True  # the kernel captures its per-step values and reads its own block's state only
     test_kwargs = dict(lr=1e-3)
 
     def __init__(self, params, lr: float = 1e-5, eps: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

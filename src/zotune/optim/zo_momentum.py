@@ -24,6 +24,7 @@ class ZOSGDMomentum(ZOOptimizer):
     state_buffers = ("momentum",)
     lr_by_mode = {"full": 1e-7, "lora": 5e-6, "prefix": 1e-3}  # starting points from the ZO-Bench grids
     reference = "zotune.optim.reference:RefZOSGDMomentum"
+    lazy_capable = True  # the kernel captures its per-step values and reads its own block's state only
     test_kwargs = dict(lr=5e-3, momentum=0.9)
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, momentum: float = 0.9,

@@ -36,6 +36,7 @@ class ZOSGD(ZOOptimizer):
     reference = "zotune.optim.reference:RefZOSGD"
     test_kwargs = dict(lr=1e-2)
     bench_variants = ({"layer_fraction": 0.25},)  # LeZO-style layer sampling, a quarter of the layers
+    lazy_capable = True  # the kernel reads c, lr (snapshot) and its block only
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **engine):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **engine)

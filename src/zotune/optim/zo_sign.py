@@ -23,6 +23,7 @@ class ZOSGDSign(ZOOptimizer):
     summary = "theta -= lr sign(c) sign(z)"
     lr_by_mode = {"full": 1e-7, "lora": 1e-5, "prefix": 1e-4}  # starting points from the ZO-Bench grids
     reference = "zotune.optim.reference:RefZOSGDSign"
+    lazy_capable = True  # the kernel captures its per-step values and reads its own block's state only
     test_kwargs = dict(lr=1e-3)
 
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0,
