@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zotune.optim as zo
-from zotune.optim import engine
+from zotune.optim import sweep
 from zotune.optim.layers import layer_key, layer_subset, layer_units, subset_size
 from zotune.testing import tiny_causal_lm
 
@@ -53,13 +53,13 @@ def test_module_layers_are_the_units_and_outside_layers_cost_no_noise(monkeypatc
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     opt = zo.ZOSGD(model, lr=1e-3, eps=1e-3, seed=5, layer_fraction=1 / 3, num_threads=1)
     generated = collections.Counter()
-    real_fill = engine.fill_noise
+    real_fill = sweep.fill_noise
 
     def counting_fill(out, seed, distribution):
         generated["elements"] += out.numel()
         return real_fill(out, seed, distribution)
 
-    monkeypatch.setattr(engine, "fill_noise", counting_fill)
+    monkeypatch.setattr(sweep, "fill_noise", counting_fill)
     for step in range(3):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         generated.clear()

@@ -204,17 +204,17 @@ def test_passes_and_forwards_per_step(name, kw, passes, forwards, monkeypatch):
 @pytest.mark.parametrize("name", LOWRANK)
 def test_matrices_generate_no_dense_noise(name, monkeypatch):
     """Only the vectors' blocks call the block noise generator: the matrix is never filled."""
-    import zotune.optim.engine as engine
+    import zotune.optim.sweep as sweep
 
     w, bias = nn.Parameter(torch.ones(64, 32)), nn.Parameter(torch.ones(64))
     sizes = []
-    original = engine.fill_noise
+    original = sweep.fill_noise
 
     def spy(out, seed, distribution="gaussian"):
         sizes.append(out.numel())
         return original(out, seed, distribution)
 
-    monkeypatch.setattr(engine, "fill_noise", spy)
+    monkeypatch.setattr(sweep, "fill_noise", spy)
     opt = zo.create(name, [w, bias], lr=1e-3, rank=2)
     opt.step(lambda: (w * w).sum() + bias.sum())
     assert sizes and max(sizes) == 64

@@ -12,7 +12,7 @@ import torch
 
 import zotune.optim as zo
 from zotune.bench import threads as tb
-from zotune.optim.engine import MIN_ELEMENTS_PER_WORKER
+from zotune.optim.sweep import MIN_ELEMENTS_PER_WORKER
 
 
 def test_small_models_use_one_worker_large_ones_several():
