@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill at any moment, and run logs cut back to them on resume.
+"""Checkpoints that survive a kill at any moment, run logs cut back to them on resume, and the metrics log.
 
 Layout inside a run directory::
 
@@ -25,6 +25,7 @@ logged exactly once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -271,3 +272,38 @@ def cut_jsonl(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
+
+
+class MetricsLog:
+    """JSONL metrics (and TensorBoard if asked), written by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None):
+        self.enabled = enabled
+        self.file = open(path, "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a JSON line; its numbers to TensorBoard too)."""
+        if not self.enabled or self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        """Close the files (idempotent)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

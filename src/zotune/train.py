@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from zotune import checkpoint
-from zotune.checkpoint import load_trainable, save_trainable, trainable_state  # noqa: F401 (public here too)
+from zotune.checkpoint import MetricsLog, load_trainable, save_trainable, trainable_state  # noqa: F401 (public here too)
 from zotune.config import PEFT_MODES, TrainConfig
 from zotune.errors import UserError
 from zotune.models.tuning import parse_peft_mode
@@ -146,41 +145,6 @@ def budget_spent(config: TrainConfig, forwards: int, seconds: float) -> bool:
     """Whether the forwards or seconds budget (``--max-forwards``, ``--max-seconds``) is used up."""
     return bool((config.max_forwards and forwards >= config.max_forwards)
                 or (config.max_seconds and seconds >= config.max_seconds))
-
-
-class MetricsLog:
-    """JSONL metrics (and TensorBoard if asked), written by the main process only."""
-
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None):
-        self.enabled = enabled
-        self.file = open(path, "a") if enabled else None  # noqa: SIM115
-        self.tb = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record (a JSON line; its numbers to TensorBoard too)."""
-        if not self.enabled or self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        """Close the files (idempotent)."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
 
 
 def _primary(metrics: dict[str, float]) -> float:
