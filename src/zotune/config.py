@@ -215,6 +215,9 @@ class ModelArgs(ConfigGroup):
     cache_mb: float = option(1024.0, "memory bound (MB) of the frozen-bottom activation cache: the blocks "
                                      "below the lowest trainable weight run once per example; 0 switches it "
                                      "off", min=0)
+    cache_dir: str | None = option(None, "also keep the frozen-bottom activations on disk in this folder, shared "
+                                         "by runs on the same model and examples (an lr sweep, `zotune race`): "
+                                         "a row another run computed is read back, bit for bit")
 
     def check(self) -> None:
         """The tuning mode must be known, and the device exist on this machine."""
@@ -308,6 +311,7 @@ class RunArgs(ConfigGroup):
     tensorboard: bool = option(False, "also log to TensorBoard in OUTPUT_DIR/tensorboard (needs the "
                                       "tensorboard package)")
     progress: bool = option(True, "show a progress bar")
+    plot: bool = option(True, "draw curves.png at the end (`zotune race` draws its own plot instead)")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", min=1)
 
 

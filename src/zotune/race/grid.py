@@ -108,8 +108,8 @@ class RaceSpec:
         for task in self.tasks:
             for seed in self.seeds:
                 base = {**common, "task": task, "seed": seed, "data_seed": seed, "steps": 0}
-                if "zeroshot" in self.baselines:
-                    out.append(Cell(f"{task}__zeroshot__s{seed}", "zeroshot", {**base, "peft": "full"}))
+                if "zeroshot" in self.baselines:  # 0 steps: the mode changes nothing but the cache's use
+                    out.append(Cell(f"{task}__zeroshot__s{seed}", "zeroshot", {**base, "peft": self.zeroshot_peft()}))
                 if "icl" in self.baselines:
                     demos = self.icl_demonstrations or DEFAULT_DEMONSTRATIONS
                     opts = {**base, "peft": "full",
@@ -125,6 +125,13 @@ class RaceSpec:
                             opts.setdefault("save_every", self.eval_every)  # a killed cell resumes
                             out.append(Cell(f"{task}__{peft}__{_norm(name)}__lr{lr:g}__s{seed}", "train", opts))
         return out
+
+    def zeroshot_peft(self) -> str:
+        """The zero-shot cell's tuning mode: ``final_norm`` when the race has it, so that the cell
+        evaluates dev and test through the activation cache, as the trained cells will, and fills
+        the race's shared store with their rows (nothing trains at 0 steps). The ICL cell's prompts
+        (demonstrations + example) are seen once by one cell: it keeps the plain batched forward."""
+        return "final_norm" if "final_norm" in self.peft else "full"
 
     def budget_options(self) -> dict[str, Any]:
         if self.budget_kind == "steps":

@@ -5,6 +5,7 @@ Layout of a race directory::
     race.json            the grid and its cell names (written before any cell runs)
     cells/NAME/          one ordinary ``zotune train`` output directory per cell
     logs/NAME.log        the cell's stdout and stderr
+    activations/         frozen-bottom activations shared by the cells (zotune train --cache-dir)
     report.md, summary.json, cells.csv, race.png   (zotune.race.report)
 
 A cell is finished when its ``results.json`` exists. An unfinished cell with a checkpoint is
@@ -28,6 +29,10 @@ from pathlib import Path
 
 from zotune.errors import UserError
 from zotune.race.grid import Cell, RaceSpec
+
+
+#: the race's shared activation store, under the race directory
+ACTIVATIONS = "activations"
 
 
 def cell_dir(race_dir: Path, cell: Cell) -> Path:
@@ -72,9 +77,19 @@ def check_cells_match(race_dir: Path, cells: list[Cell]) -> None:
 
 
 def cell_command(cell: Cell, race_dir: Path, threads: int | None, python: str | None = None) -> list[str]:
-    """The command that runs ``cell``: ``zotune train ...`` (or ``python -m zotune train ...``)."""
+    """The command that runs ``cell``: ``zotune train ...`` (or ``python -m zotune train ...``).
+
+    Every cell shares the race's activation store (``RACE/activations``, unless the grid sets
+    ``cache_dir``): the cells of one task and seed see the same examples, so the frozen bottom
+    of each runs once per race instead of once per cell (exact: see
+    :mod:`zotune.models.activation_store`). Cells draw no curves.png; the race draws race.png.
+    """
     head = [python, "-m", "zotune"] if python else ["zotune"]
     extra = ["--threads", str(threads)] if threads else []
+    if "cache_dir" not in cell.options:
+        extra += ["--cache-dir", str(race_dir / ACTIVATIONS)]
+    if "plot" not in cell.options:
+        extra.append("--no-plot")
     return [*head, "train", *cell.argv(cell_dir(race_dir, cell)), *extra]
 
 
