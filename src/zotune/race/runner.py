@@ -5,6 +5,7 @@ Layout of a race directory::
     race.json            the grid and its cell names (written before any cell runs)
     cells/NAME/          one ordinary ``zotune train`` output directory per cell
     logs/NAME.log        the cell's stdout and stderr
+    timing.jsonl         wall-clock and CPU seconds (user + sys) of every cell process run
     activations/         frozen-bottom activations shared by the cells (zotune train --cache-dir)
     report.md, summary.json, cells.csv, race.png   (zotune.race.report)
 
@@ -30,9 +31,10 @@ from pathlib import Path
 from zotune.errors import UserError
 from zotune.race.grid import Cell, RaceSpec
 
-
 #: the race's shared activation store, under the race directory
 ACTIVATIONS = "activations"
+#: wall-clock and CPU seconds of every cell process the race ran
+TIMING = "timing.jsonl"
 
 
 def cell_dir(race_dir: Path, cell: Cell) -> Path:
@@ -186,11 +188,14 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
         while queue or running:
             while in_process and queue:
                 cell, started = queue.pop(0), time.time()
+                cpu0 = time.process_time()
                 rc = _run_in_process(cell, race_dir, threads)
                 done += 1
                 failed += [cell.name] if rc else []
+                wall, cpu = time.time() - started, time.process_time() - cpu0
+                record_timing(race_dir, cell.name, wall, cpu)
                 status = "done" if rc == 0 else f"FAILED (exit {rc}; see logs/{cell.name}.log)"
-                say(f"zotune race: [{done}/{len(cells)}] {cell.name}: {status} in {time.time() - started:.0f} s")
+                say(f"zotune race: [{done}/{len(cells)}] {cell.name}: {status} in {wall:.0f} s ({cpu:.0f} s CPU)")
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
                 if is_finished(cell_dir(race_dir, cell)):  # finished meanwhile (another race on this directory)
@@ -199,15 +204,40 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
                 running[cell.name] = (_start(cell, race_dir, threads), time.time())
             time.sleep(0.1)
             for name, (proc, started) in list(running.items()):
-                if proc.poll() is None:
+                cpu = _reap(proc)
+                if cpu is None:
                     continue
                 del running[name]
                 done += 1
+                wall = time.time() - started
+                record_timing(race_dir, name, wall, cpu)
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; see logs/{name}.log)"
                 if proc.returncode != 0:
                     failed.append(name)
-                say(f"zotune race: [{done}/{len(cells)}] {name}: {status} in {time.time() - started:.0f} s")
+                say(f"zotune race: [{done}/{len(cells)}] {name}: {status} in {wall:.0f} s ({cpu:.0f} s CPU)")
     finally:
         for proc, _ in running.values():  # interrupted: stop the cells we started
             proc.kill()
     return failed
+
+
+def _reap(proc: subprocess.Popen) -> float | None:
+    """None while ``proc`` runs; once it ended, its CPU seconds (user + sys, all threads, start-up
+    included) from ``wait4`` where the OS has it (else 0), with ``proc.returncode`` set."""
+    if not hasattr(os, "wait4"):
+        return None if proc.poll() is None else 0.0
+    try:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    except ChildProcessError:  # already reaped
+        return None if proc.poll() is None else 0.0
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def record_timing(race_dir: Path, name: str, wall: float, cpu: float) -> None:
+    """Append one cell's wall-clock and CPU seconds to RACE/timing.jsonl (a resumed cell: one line per run)."""
+    with open(race_dir / TIMING, "a") as f:
+        f.write(json.dumps({"cell": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
