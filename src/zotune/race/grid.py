@@ -200,6 +200,19 @@ def _as_list(value: Any, what: str) -> list[Any]:
     return [value]
 
 
+def _check_lr_grid(name: str, grid: Any) -> None:
+    """An optimizer's lr grid (a list, or a list per tuning mode) holds at least one lr, each > 0."""
+    for mode, lrs in (grid.items() if isinstance(grid, dict) else [(None, grid)]):
+        where = f"--lr {name}" + (f" ({mode})" if mode else "")
+        values = lrs if isinstance(lrs, list) else [lrs]
+        try:
+            bad = [v for v in values if not float(v) > 0]
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: learning rates must be numbers, got {lrs!r}") from None
+        if not values or bad:
+            raise UserError(f"{where}: the lr grid needs at least one learning rate > 0, got {lrs!r}")
+
+
 def _validate(values: dict[str, Any]) -> RaceSpec:
     """Check the grid: names exist, it is not empty, the budget is one positive number."""
     from zotune.tasks import canonical_task_name
@@ -252,8 +265,9 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
     if not isinstance(lr, dict):
         raise UserError("the race's lr grid must map optimizer names to lists of learning rates "
                         "(--lr zosgd=1e-3,1e-2)")
-    for name in lr:
+    for name, grid in lr.items():
         resolve_optimizer(name)
+        _check_lr_grid(name, grid)
     target = values.get("target", "zosgd")
     if isinstance(target, str):
         try:

@@ -173,6 +173,10 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
     if in_process and jobs != 1:
         raise UserError("--in-process runs one cell at a time; drop --jobs or --in-process")
     check_race_dir(race_dir)
+    if spec.train.get("cache_dir"):  # a store of the user's choice instead of RACE/activations
+        from zotune.models.activation_store import check_store_dir
+
+        check_store_dir(spec.train["cache_dir"])
     cells = spec.cells()
     check_cells_match(race_dir, cells)
     write_race_json(spec, race_dir, cells)
