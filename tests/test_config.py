@@ -24,7 +24,8 @@ def train_help() -> str:
 
 def test_every_field_has_help_and_a_group():
     fields = dataclasses.fields(TrainConfig)
-    assert len(fields) == 47  # 42 + lora_layers, cache_mb (depth tuning) + max_forwards, max_seconds (race) + offload
+    assert len(fields) == 49  # 42 + lora_layers, cache_mb (depth tuning) + max_forwards, max_seconds (race)
+    #                           + cache_dir, plot (race cells share activations, skip curves.png) + offload
     for f in fields:
         assert f.metadata.get("help", "").strip(), f"{f.name} has no help text"
     grouped = [f.name for g in TrainConfig.groups() for f in dataclasses.fields(g)]

@@ -94,6 +94,10 @@ def test_grid_expands_from_yaml_and_flags(tmp_path, tiny_model_dir):
     (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "0"], "must be > 0"),
     (["--tasks", "sst2", "--optimizers", "zosgd", "--seconds", "-1"], "must be > 0"),
     (["--tasks", "sst2", "--optimizers", "zosgd"], "exactly one of --steps"),
+    (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2", "--lr", "zosgd="], "at least one learning rate"),
+    (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2", "--lr", "zosgd=0,1e-3"], "> 0"),
+    (["--tasks", "sst2", "--peft", "nosuchmode", "--optimizers", "zosgd", "--steps", "2"], "unknown tuning mode"),
+    (["--suite", "nosuchsuite", "--optimizers", "zosgd"], "unknown suite"),
 ])
 def test_a_bad_grid_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "race"

@@ -219,6 +219,9 @@ class ModelArgs(ConfigGroup):
                                   "memory, streamed through the GPU one block at a time, for models larger "
                                   "than GPU memory (zosgd, zo-momentum, zo-sign, zo-adam, helene; one process; "
                                   "see docs/offload.md)", choices=("none", "cpu"))
+    cache_dir: str | None = option(None, "also keep the frozen-bottom activations on disk in this folder, shared "
+                                         "by runs on the same model and examples (an lr sweep, `zotune race`): "
+                                         "a row another run computed is read back, bit for bit")
 
     def check(self) -> None:
         """The tuning mode must be known, and the device exist on this machine."""
@@ -329,6 +332,7 @@ class RunArgs(ConfigGroup):
     tensorboard: bool = option(False, "also log to TensorBoard in OUTPUT_DIR/tensorboard (needs the "
                                       "tensorboard package)")
     progress: bool = option(True, "show a progress bar")
+    plot: bool = option(True, "draw curves.png at the end (`zotune race` draws its own plot instead)")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", min=1)
 
 

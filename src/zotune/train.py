@@ -278,6 +278,10 @@ def plan_run(config: TrainConfig) -> RunPlan:
     # checked here, announced by start_run: a mistake found later must print one line only
     resolved["data_parallel"] = data_parallel_info(dist, config.batch_size, announce=False)
     out = _check_output_dir(config)
+    if config.cache_dir:
+        from zotune.models.activation_store import check_store_dir
+
+        check_store_dir(config.cache_dir)
     if config.resume:
         check_resume_config(out, resolved)
     return RunPlan(config, optimizer_cls, optimizer_kwargs, resolved, out, dist, time.time())
@@ -432,7 +436,7 @@ def attach_cache(model: torch.nn.Module, config: TrainConfig, say: Callable[...,
     from zotune.models import attach_activation_cache, depth_split
 
     say(f"zotune: {depth_split(model).describe()}")
-    cache, message = attach_activation_cache(model, config.cache_mb)
+    cache, message = attach_activation_cache(model, config.cache_mb, config.cache_dir)
     say(f"zotune: {message}")
     return cache
 
@@ -579,9 +583,10 @@ def _write_results(run: Run, results: dict[str, Any]) -> None:
     out, before = run.plan.out, run.loop["before"]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     try:
-        from zotune.plotting import plot_runs
+        if run.config.plot:  # off in race cells: matplotlib costs seconds per run there
+            from zotune.plotting import plot_runs
 
-        plot_runs([out], out / "curves.png")
+            plot_runs([out], out / "curves.png")
     except Exception as e:  # a plot must never fail a finished run
         run.say(f"zotune: could not draw curves.png: {e}")
     before_txt = ""

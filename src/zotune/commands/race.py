@@ -107,8 +107,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     failed = run_cells(spec, race_dir, jobs=args.jobs, threads=args.threads, in_process=args.in_process,
                        say=lambda m: print(m, file=sys.stderr, flush=True))
-    write_report(race_dir)
-    print(f"zotune race: report in {race_dir}/report.md", file=sys.stderr)
+    summary = write_report(race_dir)
+    cpu = summary.get("cpu_seconds_total")
+    print(f"zotune race: report in {race_dir}/report.md"
+          + (f" (cells' CPU time so far: {cpu / 60:.1f} min, user + sys)" if cpu is not None else ""),
+          file=sys.stderr)
     if failed:
         print(f"zotune race: {len(failed)} cells failed: {', '.join(failed)} (logs in {race_dir}/logs)",
               file=sys.stderr)

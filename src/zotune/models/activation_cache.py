@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zotune.models.activation_store import ActivationStore
 from zotune.models.arch import DecoderStack, decoder_stack, supported_decoder_types
 
 __all__ = ["ActivationCache", "DepthSplit", "attach_activation_cache", "cache_refusal", "depth_split"]
@@ -157,11 +158,12 @@ class ActivationCache:
 
     ``stats`` counts forwards served (``cached_forwards``) and passed through (``bypassed_forwards``),
     rows taken from the cache (``hit_rows``), rows run through the bottom (``bottom_rows``), rows
-    that did not fit (``overflow_rows``), and the stored ``entries`` / ``bytes``. ``close()``
+    that did not fit (``overflow_rows``), the stored ``entries`` / ``bytes``, and with a ``store``
+    (rows on disk, shared between runs) the rows read from it (``disk_rows``) and written to it. ``close()``
     removes the hooks and frees the memory; ``enabled = False`` passes every forward through.
     """
 
-    def __init__(self, model: Any, max_mb: float = 1024.0) -> None:
+    def __init__(self, model: Any, max_mb: float = 1024.0, store: ActivationStore | None = None) -> None:
         stack = decoder_stack(model)
         if stack is None:
             raise ValueError(depth_split(model).refusal)
@@ -169,7 +171,9 @@ class ActivationCache:
         self.max_bytes = int(max_mb * 2**20)
         self.entries: dict[bytes, torch.Tensor] = {}
         self.stats = dict.fromkeys(("cached_forwards", "bypassed_forwards", "hit_rows", "bottom_rows",
-                                    "overflow_rows", "entries", "bytes"), 0)
+                                    "overflow_rows", "entries", "bytes", "disk_rows", "disk_writes"), 0)
+        self.store = store
+        self._checked_store = False  # the first row read back is also computed and compared
         self._state: tuple[Any, ...] | None = None
         self._busy = False  # inside our own bottom pass
         self._armed: list[tuple[nn.Module, Any]] = []
@@ -204,7 +208,8 @@ class ActivationCache:
         s = self.stats
         return (f"{s['entries']} examples cached ({self.megabytes:.1f} MB), {s['hit_rows']} rows served from the "
                 f"cache, {s['bottom_rows']} run through the bottom ({s['overflow_rows']} beyond --cache-mb), "
-                f"{s['cached_forwards']} forwards cached, {s['bypassed_forwards']} not")
+                f"{s['cached_forwards']} forwards cached, {s['bypassed_forwards']} not"
+                + (f"; on disk: {s['disk_rows']} rows read back, {s['disk_writes']} written" if self.store else ""))
 
     # ------------------------------------------------------------------ hooks
 
@@ -239,6 +244,8 @@ class ActivationCache:
         if state != self._state:  # other trainable set, or a frozen weight changed: start over
             self.clear()
             self._state, self.split = state, split.block
+            if self.store is not None:
+                self.store.use(self.model, split.block, split.bottom)
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         if not bool(mask.bool().any(-1).all()):  # a row with no token at all: nothing to key on
@@ -275,14 +282,34 @@ class ActivationCache:
         positions = self._positions(mask, position_ids)
         for r in range(ids.shape[0]):
             if r not in rows:
-                rows[r] = self._bottom(module, ids[r][keep[r].to(ids.device)], positions[r][keep[r].to(ids.device)],
-                                       block)
+                rows[r] = self._row(module, keys[r], ids[r][keep[r].to(ids.device)],
+                                    positions[r][keep[r].to(ids.device)], block)
                 self._store(keys[r], rows[r])
         first = next(iter(rows.values()))
         out = torch.zeros(ids.shape[0], ids.shape[1], first.shape[-1], dtype=first.dtype, device=first.device)
         for r, h in rows.items():
             out[r, keep[r].to(out.device)] = h
         return out
+
+    def _row(self, module: nn.Module, key: bytes, ids: torch.Tensor, positions: torch.Tensor,
+             block: int) -> torch.Tensor:
+        """A row not in memory: from the on-disk store if it has it, else through the bottom."""
+        stored = self.store.get(key, int(ids.shape[0]), ids.device) if self.store is not None else None
+        if stored is not None and self._checked_store:
+            self.stats["disk_rows"] += 1
+            return stored
+        row = self._bottom(module, ids, positions, block)
+        if stored is not None:  # first row read back: compute it too (also learns the blocks' output structure)
+            self._checked_store = True
+            if not torch.equal(stored, row):
+                assert self.store is not None
+                logger.warning("activation store %s: a stored row differs from the recomputed one; not using "
+                               "the store in this run", self.store.folder)
+                self.store = None
+        elif self.store is not None:
+            self.store.put(key, row)
+            self.stats["disk_writes"] = self.store.stats["disk_writes"]
+        return row
 
     def _store(self, key: bytes, h: torch.Tensor) -> None:
         size = h.numel() * h.element_size()
@@ -354,17 +381,20 @@ class ActivationCache:
                 layer.forward = previous
 
 
-def attach_activation_cache(model: Any, max_mb: float = 1024.0) -> tuple[ActivationCache | None, str]:
+def attach_activation_cache(model: Any, max_mb: float = 1024.0,
+                            store_dir: str | None = None) -> tuple[ActivationCache | None, str]:
     """An :class:`ActivationCache` on ``model`` and a one-line message, or ``(None, why not)``.
 
-    ``max_mb <= 0`` switches the cache off.
+    ``max_mb <= 0`` switches the cache off; ``store_dir`` also keeps the rows on disk there,
+    shared with other runs (:class:`~zotune.models.activation_store.ActivationStore`).
     """
     if max_mb <= 0:
         return None, "activation cache off (--cache-mb 0)"
     split = depth_split(model)
     if split.refusal is not None:
         return None, f"activation cache off: {split.refusal}"
-    cache = ActivationCache(model, max_mb=max_mb)
+    cache = ActivationCache(model, max_mb=max_mb, store=ActivationStore(store_dir) if store_dir else None)
     what = (f"blocks 0-{split.block - 1}" if split.block > 1 else "block 0") + f" of {split.num_layers}"
+    shared = f", shared on disk in {store_dir}" if store_dir else ""
     return cache, (f"activation cache on: embeddings and {what} run once per example "
-                   f"(up to {max_mb:g} MB; --cache-mb 0 switches it off)")
+                   f"(up to {max_mb:g} MB{shared}; --cache-mb 0 switches it off)")

@@ -108,8 +108,8 @@ class RaceSpec:
         for task in self.tasks:
             for seed in self.seeds:
                 base = {**common, "task": task, "seed": seed, "data_seed": seed, "steps": 0}
-                if "zeroshot" in self.baselines:
-                    out.append(Cell(f"{task}__zeroshot__s{seed}", "zeroshot", {**base, "peft": "full"}))
+                if "zeroshot" in self.baselines:  # 0 steps: the mode changes nothing but the cache's use
+                    out.append(Cell(f"{task}__zeroshot__s{seed}", "zeroshot", {**base, "peft": self.zeroshot_peft()}))
                 if "icl" in self.baselines:
                     demos = self.icl_demonstrations or DEFAULT_DEMONSTRATIONS
                     opts = {**base, "peft": "full",
@@ -125,6 +125,13 @@ class RaceSpec:
                             opts.setdefault("save_every", self.eval_every)  # a killed cell resumes
                             out.append(Cell(f"{task}__{peft}__{_norm(name)}__lr{lr:g}__s{seed}", "train", opts))
         return out
+
+    def zeroshot_peft(self) -> str:
+        """The zero-shot cell's tuning mode: ``final_norm`` when the race has it, so that the cell
+        evaluates dev and test through the activation cache, as the trained cells will, and fills
+        the race's shared store with their rows (nothing trains at 0 steps). The ICL cell's prompts
+        (demonstrations + example) are seen once by one cell: it keeps the plain batched forward."""
+        return "final_norm" if "final_norm" in self.peft else "full"
 
     def budget_options(self) -> dict[str, Any]:
         if self.budget_kind == "steps":
@@ -193,6 +200,19 @@ def _as_list(value: Any, what: str) -> list[Any]:
     return [value]
 
 
+def _check_lr_grid(name: str, grid: Any) -> None:
+    """An optimizer's lr grid (a list, or a list per tuning mode) holds at least one lr, each > 0."""
+    for mode, lrs in (grid.items() if isinstance(grid, dict) else [(None, grid)]):
+        where = f"--lr {name}" + (f" ({mode})" if mode else "")
+        values = lrs if isinstance(lrs, list) else [lrs]
+        try:
+            bad = [v for v in values if not float(v) > 0]
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: learning rates must be numbers, got {lrs!r}") from None
+        if not values or bad:
+            raise UserError(f"{where}: the lr grid needs at least one learning rate > 0, got {lrs!r}")
+
+
 def _validate(values: dict[str, Any]) -> RaceSpec:
     """Check the grid: names exist, it is not empty, the budget is one positive number."""
     from zotune.tasks import canonical_task_name
@@ -245,8 +265,9 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
     if not isinstance(lr, dict):
         raise UserError("the race's lr grid must map optimizer names to lists of learning rates "
                         "(--lr zosgd=1e-3,1e-2)")
-    for name in lr:
+    for name, grid in lr.items():
         resolve_optimizer(name)
+        _check_lr_grid(name, grid)
     target = values.get("target", "zosgd")
     if isinstance(target, str):
         try:

@@ -28,7 +28,10 @@ def plot_race(summary: dict[str, Any], output: Path) -> Path:
 
     tasks = sorted({r["task"] for r in summary["rows"]})
     fig, axes = plt.subplots(2, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 7), squeeze=False)
-    colors: dict[str, Any] = {}
+    # one colour per optimizer x mode over every panel (a per-axes colour cycle gave two methods one colour)
+    names = sorted({f"{k.split('|')[2]} ({k.split('|')[1]})" for k in summary["curves"]})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors: dict[str, Any] = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     for col, task in enumerate(tasks):
         for row, (x_key, label) in enumerate((("seconds", "seconds in optimizer steps"), ("forwards", "forwards"))):
             ax = axes[row][col]
@@ -40,8 +43,7 @@ def plot_race(summary: dict[str, Any], output: Path) -> Path:
                 if not len(x):
                     continue
                 name = f"{method} ({peft})"
-                line = ax.plot(x, mean, marker="o", markersize=3, label=name, color=colors.get(name))[0]
-                colors[name] = line.get_color()
+                line = ax.plot(x, mean, marker="o", markersize=3, label=name, color=colors[name])[0]
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             for r in summary["rows"]:
                 if r["task"] == task and r["kind"] != "train" and r["dev_mean"] is not None:

@@ -211,15 +211,34 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
             lines.append(f"| {r['method']} | {r['peft']} | {lr} | {r['seeds']} | {_fmt(r['dev_mean'], r['dev_std'])} "
                          f"| {_fmt(r['test_mean'], r['test_std'])} | {reached} | {to_s} | {to_f} | {mem} |")
         lines.append("")
-    lines += ["## Every cell", "", "| cell | dev | test | steps | forwards | seconds | peak MB |", "|" + "---|" * 7]
+    if summary.get("cpu_seconds_total") is not None:
+        lines += [f"CPU time of the cell processes: {summary['cpu_seconds_total'] / 60:.1f} min (user + sys, "
+                  "start-up included, summed over the cells; timing.jsonl).", ""]
+    lines += ["## Every cell", "", "| cell | dev | test | steps | forwards | seconds | CPU s | peak MB |",
+              "|" + "---|" * 8]
     for c in cells:
         lines.append(f"| {c['name']} | {_fmt(c['dev'])} | {_fmt(c['test'])} | {c['steps']} | {c['forwards']} | "
-                     f"{_fmt(c['train_seconds'], digits=1)} | {_fmt(c['peak_memory_mb'], digits=0)} |")
+                     f"{_fmt(c['train_seconds'], digits=1)} | {_fmt(c.get('cpu_seconds'), digits=0)} | "
+                     f"{_fmt(c['peak_memory_mb'], digits=0)} |")
     return "\n".join(lines) + "\n"
 
 
+def cell_cpu_seconds(root: Path) -> dict[str, float]:
+    """CPU seconds (user + sys) per cell from the race's timing.jsonl (summed over a resumed cell's runs)."""
+    path = root / "timing.jsonl"
+    out: dict[str, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                out[rec["cell"]] = out.get(rec["cell"], 0.0) + float(rec["cpu_s"])
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill: skip it
+                continue
+    return out
+
+
 CSV_FIELDS = ("name", "task", "kind", "optimizer", "peft", "lr", "seed", "demonstrations", "dev", "test", "steps",
-              "forwards", "train_seconds", "peak_memory_mb")
+              "forwards", "train_seconds", "peak_memory_mb", "cpu_seconds")
 
 
 def write_report(root: Path, output: Path | None = None, target: str | float | None = None) -> dict[str, Any]:
@@ -230,7 +249,12 @@ def write_report(root: Path, output: Path | None = None, target: str | float | N
     info = json.loads(race_json.read_text()) if race_json.exists() else {}
     if target is None:
         target = info.get("spec", {}).get("target", "zosgd")
+    cpu = cell_cpu_seconds(root)
+    for c in cells:
+        c["cpu_seconds"] = cpu.get(c["name"])
     summary = summarize(cells, target)
+    if cpu:
+        summary["cpu_seconds_total"] = sum(cpu.values())
     try:
         output.mkdir(parents=True, exist_ok=True)
         (output / "summary.json").write_text(json.dumps({**summary, "cells": cells}, indent=2))

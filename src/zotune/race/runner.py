@@ -5,6 +5,8 @@ Layout of a race directory::
     race.json            the grid and its cell names (written before any cell runs)
     cells/NAME/          one ordinary ``zotune train`` output directory per cell
     logs/NAME.log        the cell's stdout and stderr
+    timing.jsonl         wall-clock and CPU seconds (user + sys) of every cell process run
+    activations/         frozen-bottom activations shared by the cells (zotune train --cache-dir)
     report.md, summary.json, cells.csv, race.png   (zotune.race.report)
 
 A cell is finished when its ``results.json`` exists. An unfinished cell with a checkpoint is
@@ -28,6 +30,11 @@ from pathlib import Path
 
 from zotune.errors import UserError
 from zotune.race.grid import Cell, RaceSpec
+
+#: the race's shared activation store, under the race directory
+ACTIVATIONS = "activations"
+#: wall-clock and CPU seconds of every cell process the race ran
+TIMING = "timing.jsonl"
 
 
 def cell_dir(race_dir: Path, cell: Cell) -> Path:
@@ -72,9 +79,19 @@ def check_cells_match(race_dir: Path, cells: list[Cell]) -> None:
 
 
 def cell_command(cell: Cell, race_dir: Path, threads: int | None, python: str | None = None) -> list[str]:
-    """The command that runs ``cell``: ``zotune train ...`` (or ``python -m zotune train ...``)."""
+    """The command that runs ``cell``: ``zotune train ...`` (or ``python -m zotune train ...``).
+
+    Every cell shares the race's activation store (``RACE/activations``, unless the grid sets
+    ``cache_dir``): the cells of one task and seed see the same examples, so the frozen bottom
+    of each runs once per race instead of once per cell (exact: see
+    :mod:`zotune.models.activation_store`). Cells draw no curves.png; the race draws race.png.
+    """
     head = [python, "-m", "zotune"] if python else ["zotune"]
     extra = ["--threads", str(threads)] if threads else []
+    if "cache_dir" not in cell.options:
+        extra += ["--cache-dir", str(race_dir / ACTIVATIONS)]
+    if "plot" not in cell.options:
+        extra.append("--no-plot")
     return [*head, "train", *cell.argv(cell_dir(race_dir, cell)), *extra]
 
 
@@ -156,6 +173,10 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
     if in_process and jobs != 1:
         raise UserError("--in-process runs one cell at a time; drop --jobs or --in-process")
     check_race_dir(race_dir)
+    if spec.train.get("cache_dir"):  # a store of the user's choice instead of RACE/activations
+        from zotune.models.activation_store import check_store_dir
+
+        check_store_dir(spec.train["cache_dir"])
     cells = spec.cells()
     check_cells_match(race_dir, cells)
     write_race_json(spec, race_dir, cells)
@@ -171,11 +192,14 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
         while queue or running:
             while in_process and queue:
                 cell, started = queue.pop(0), time.time()
+                cpu0 = time.process_time()
                 rc = _run_in_process(cell, race_dir, threads)
                 done += 1
                 failed += [cell.name] if rc else []
+                wall, cpu = time.time() - started, time.process_time() - cpu0
+                record_timing(race_dir, cell.name, wall, cpu)
                 status = "done" if rc == 0 else f"FAILED (exit {rc}; see logs/{cell.name}.log)"
-                say(f"zotune race: [{done}/{len(cells)}] {cell.name}: {status} in {time.time() - started:.0f} s")
+                say(f"zotune race: [{done}/{len(cells)}] {cell.name}: {status} in {wall:.0f} s ({cpu:.0f} s CPU)")
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
                 if is_finished(cell_dir(race_dir, cell)):  # finished meanwhile (another race on this directory)
@@ -184,15 +208,40 @@ def run_cells(spec: RaceSpec, race_dir: Path, jobs: int = 1, threads: int | None
                 running[cell.name] = (_start(cell, race_dir, threads), time.time())
             time.sleep(0.1)
             for name, (proc, started) in list(running.items()):
-                if proc.poll() is None:
+                cpu = _reap(proc)
+                if cpu is None:
                     continue
                 del running[name]
                 done += 1
+                wall = time.time() - started
+                record_timing(race_dir, name, wall, cpu)
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; see logs/{name}.log)"
                 if proc.returncode != 0:
                     failed.append(name)
-                say(f"zotune race: [{done}/{len(cells)}] {name}: {status} in {time.time() - started:.0f} s")
+                say(f"zotune race: [{done}/{len(cells)}] {name}: {status} in {wall:.0f} s ({cpu:.0f} s CPU)")
     finally:
         for proc, _ in running.values():  # interrupted: stop the cells we started
             proc.kill()
     return failed
+
+
+def _reap(proc: subprocess.Popen) -> float | None:
+    """None while ``proc`` runs; once it ended, its CPU seconds (user + sys, all threads, start-up
+    included) from ``wait4`` where the OS has it (else 0), with ``proc.returncode`` set."""
+    if not hasattr(os, "wait4"):
+        return None if proc.poll() is None else 0.0
+    try:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    except ChildProcessError:  # already reaped
+        return None if proc.poll() is None else 0.0
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def record_timing(race_dir: Path, name: str, wall: float, cpu: float) -> None:
+    """Append one cell's wall-clock and CPU seconds to RACE/timing.jsonl (a resumed cell: one line per run)."""
+    with open(race_dir / TIMING, "a") as f:
+        f.write(json.dumps({"cell": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
