@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import zotune.optim as zo
+from problems import regression_problem, weights
 from zotune.optim.reference import oracle_for
 
 ALL = zo.available()
@@ -28,20 +29,7 @@ def kw(name: str, **extra) -> dict:
 
 def make_problem(dtype: torch.dtype = torch.float32):
     """Three layers (so layer sampling has subsets to alternate between) and a fixed regression batch."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
-    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1234))
-    y = torch.sin(x.sum(1, keepdim=True))
-
-    def closure():
-        out = model(x.to(dtype))
-        return ((out.to(torch.float64 if dtype == torch.float64 else torch.float32) - y.to(out.dtype)) ** 2).mean()
-
-    return model, closure
-
-
-def weights(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+    return regression_problem(0, dtype, hidden_layers=2)
 
 
 def opt_state(opt: zo.ZOOptimizer) -> list[tuple[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import zotune.optim as zo
+from problems import regression_problem, weights
 from zotune.optim.reference import oracle_for
 
 ALL = zo.available()
@@ -21,20 +22,7 @@ def kw(name: str, **extra) -> dict:
 
 
 def make_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
-    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1234))  # same data for every init
-    y = torch.sin(x.sum(1, keepdim=True))
-
-    def closure():
-        out = model(x.to(dtype))
-        return ((out.to(torch.float64 if dtype == torch.float64 else torch.float32) - y.to(out.dtype)) ** 2).mean()
-
-    return model, closure
-
-
-def weights(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+    return regression_problem(seed, dtype)
 
 
 @pytest.mark.parametrize("name", ALL)
