@@ -29,3 +29,20 @@ def regression_problem(seed: int = 0, dtype: torch.dtype = torch.float32, hidden
 def weights(model: nn.Module) -> list[torch.Tensor]:
     """Copies of the model's parameters."""
     return [p.detach().clone() for p in model.parameters()]
+
+
+class Boom(RuntimeError):
+    """The exception a failing closure raises."""
+
+
+def failing_at(closure, call: int):
+    """``closure`` that raises :class:`Boom` on its ``call``-th call (1-based) instead of running."""
+    calls = {"n": 0}
+
+    def failing():
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Boom("forward failed")
+        return closure()
+
+    return failing

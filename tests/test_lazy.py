@@ -11,16 +11,12 @@ import torch
 from torch import nn
 
 import zotune.optim as zo
-from problems import regression_problem, weights
+from problems import Boom, failing_at, regression_problem, weights
 from zotune.optim.reference import oracle_for
 
 ALL = zo.available()
 CAPABLE = [n for n in ALL if zo.get(n).lazy_capable]
 STEPS = 6
-
-
-class Boom(Exception):
-    pass
 
 
 def kw(name: str, **extra) -> dict:
@@ -120,16 +116,8 @@ def test_exception_in_the_next_step_leaves_the_updated_weights(name, fail_at):
     opt = zo.create(name, model, exact_restore=True, lazy_update=True, **kw(name))
     opt.step(closure)
     assert opt.has_pending_update
-    calls = {"n": 0}
-
-    def failing():
-        calls["n"] += 1
-        if calls["n"] == fail_at:
-            raise Boom("forward failed")
-        return closure()
-
     with pytest.raises(Boom):
-        opt.step(failing)
+        opt.step(failing_at(closure, fail_at))
     assert not opt.has_pending_update
     assert all(torch.equal(a, b) for a, b in zip(weights(eager_model), weights(model)))
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import zotune.optim as zo
-from problems import regression_problem, weights
+from problems import Boom, failing_at, regression_problem, weights
 from zotune.optim.reference import oracle_for
 
 ALL = zo.available()
@@ -72,10 +72,6 @@ def test_exact_restore_is_bit_exact(name):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-class Boom(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_exception_in_closure_restores_weights(name, fail_at):
@@ -83,16 +79,8 @@ def test_exception_in_closure_restores_weights(name, fail_at):
     opt = zo.create(name, model.parameters(), exact_restore=True, **kw(name))
     opt.step(closure)
     before = weights(model)
-    calls = {"n": 0}
-
-    def failing():
-        calls["n"] += 1
-        if calls["n"] == fail_at:
-            raise Boom("forward failed")
-        return closure()
-
     with pytest.raises(Boom):
-        opt.step(failing)
+        opt.step(failing_at(closure, fail_at))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert opt.step_count == 1  # the failed step did not count
 
