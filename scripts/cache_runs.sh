@@ -16,9 +16,9 @@ ROW[sst2-final_norm]="--config configs/demo.yaml --peft final_norm --lr 2e-2 --e
 ROW[sst2-top2]="--config configs/demo.yaml --peft top:2 --lr ${TOP2_LR:-1e-4} --eps 1e-3 --steps 600 --eval-every 50"
 ROW[sst2-lora2]="--config configs/demo.yaml --peft lora --lora-layers top:2 --lr ${LORA_LR:-3e-2} --eps 1e-2 --steps 600 --eval-every 50"
 # RTE (LM-BFF k=16, data seed 42, lmbff template; test = the 277 GLUE dev examples)
-ROW[rte-final_norm]="--task rte --max-test 277 --peft final_norm --lr 2e-2 --eps 1e-2 --steps ${RTE_FN_STEPS:-600} --eval-every 50"
-ROW[rte-top2]="--task rte --max-test 277 --peft top:2 --lr ${TOP2_LR:-1e-4} --eps 1e-3 --steps ${RTE_TOP2_STEPS:-200} --eval-every 25"
-ROW[rte-lora2]="--task rte --max-test 277 --peft lora --lora-layers top:2 --lr ${LORA_LR:-3e-2} --eps 1e-2 --steps ${RTE_TOP2_STEPS:-200} --eval-every 25"
+ROW[rte-final_norm]="--task rte --max-test 277 --peft final_norm --lr 2e-2 --eps 1e-2 --steps ${RTE_FN_STEPS:-1200} --eval-every 50"
+ROW[rte-top2]="--task rte --max-test 277 --peft top:2 --lr ${TOP2_LR:-1e-4} --eps 1e-3 --steps ${RTE_TOP2_STEPS:-270} --eval-every 25"
+ROW[rte-lora2]="--task rte --max-test 277 --peft lora --lora-layers top:2 --lr ${LORA_LR:-3e-2} --eps 1e-2 --steps ${RTE_TOP2_STEPS:-270} --eval-every 25"
 # CB (SuperGLUE, MeZO protocol: 150 train / 100 dev drawn from train, test = the 56 labelled val examples)
 ROW[cb-final_norm]="--task cb --peft final_norm --lr 2e-2 --eps 1e-2 --steps ${CB_FN_STEPS:-800} --eval-every 50"
 ROW[cb-top2]="--task cb --peft top:2 --lr ${TOP2_LR:-1e-4} --eps 1e-3 --steps ${CB_TOP2_STEPS:-150} --eval-every 25"
