@@ -346,9 +346,7 @@ class Run:
         if self.offload is not None:
             self.offload.close()  # flushes the pending update; the blocks stay in CPU memory
             self.offload = None
-        flush = getattr(self.optimizer, "flush", None)
-        if flush is not None:
-            flush()
+        self.flush()
         if self.cache is not None:
             self.cache.close()  # a caller's model gets its plain forward back
             self.cache = None
@@ -492,9 +490,7 @@ def run_steps(run: Run) -> None:
         evaluate_and_checkpoint(run)
         if run.stopped_early:
             break
-    flush = getattr(run.optimizer, "flush", None)
-    if flush is not None:
-        flush()  # end of training: the weights hold every update
+    run.flush()  # end of training: the weights hold every update
     if run.bar is not None:
         run.bar.close()
         run.bar = None
