@@ -87,6 +87,19 @@ def test_grid_expands_from_yaml_and_flags(tmp_path, tiny_model_dir):
     assert icl.options["task_args"] == {"demonstrations": 4}
 
 
+def test_a_top_k_race_evaluates_zero_shot_through_the_same_cache(tmp_path):
+    from zotune.train import TOP_LR_FACTOR
+
+    grid = {"tasks": "sst2", "optimizers": "zosgd", "seeds": "1", "baselines": "zeroshot", "steps": 3}
+    cells = build_spec({}, {**grid, "peft": "lora,top:2+head"}).cells()
+    assert cells[0].kind == "zeroshot" and cells[0].options["peft"] == "top:2+head"
+    top = [c for c in cells if c.kind == "train" and c.options["peft"] == "top:2+head"]
+    assert len(top) == 1 and top[0].name.startswith("sst2__top2head__zosgd__lr") and ":" not in top[0].name
+    # top:K has no lr grid of its own: the optimizer's default for the mode (full's x TOP_LR_FACTOR)
+    assert top[0].options["lr"] == pytest.approx(1e-6 * TOP_LR_FACTOR)
+    assert build_spec({}, {**grid, "peft": "lora"}).zeroshot_peft() == "full"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "nosuchtask", "--optimizers", "zosgd", "--steps", "2"], "unknown task"),
     (["--tasks", "sst2", "--optimizers", "nosuchopt", "--steps", "2"], "unknown optimizer"),
@@ -97,6 +110,7 @@ def test_grid_expands_from_yaml_and_flags(tmp_path, tiny_model_dir):
     (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2", "--lr", "zosgd="], "at least one learning rate"),
     (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2", "--lr", "zosgd=0,1e-3"], "> 0"),
     (["--tasks", "sst2", "--peft", "nosuchmode", "--optimizers", "zosgd", "--steps", "2"], "unknown tuning mode"),
+    (["--tasks", "sst2", "--peft", "top:0", "--optimizers", "zosgd", "--steps", "2"], "unknown tuning mode"),
     (["--suite", "nosuchsuite", "--optimizers", "zosgd"], "unknown suite"),
 ])
 def test_a_bad_grid_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys, argv, message):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from zotune.errors import UserError
+from zotune.models.tuning import parse_peft_mode
 
 #: ``steps`` of a cell whose budget is forwards or seconds (the loop stops on the budget first)
 UNBOUNDED_STEPS = 10**9
@@ -123,15 +124,20 @@ class RaceSpec:
                             opts = {**common, "task": task, "peft": peft, "optimizer": name, "lr": lr,
                                     "seed": seed, "data_seed": seed, **self.budget_options()}
                             opts.setdefault("save_every", self.eval_every)  # a killed cell resumes
-                            out.append(Cell(f"{task}__{peft}__{_norm(name)}__lr{lr:g}__s{seed}", "train", opts))
+                            # "top:2+head" -> "top2head": a directory name without ":" or "+"
+                            mode = re.sub(r"[^A-Za-z0-9_]", "", peft)
+                            out.append(Cell(f"{task}__{mode}__{_norm(name)}__lr{lr:g}__s{seed}", "train", opts))
         return out
 
     def zeroshot_peft(self) -> str:
-        """The zero-shot cell's tuning mode: ``final_norm`` when the race has it, so that the cell
-        evaluates dev and test through the activation cache, as the trained cells will, and fills
-        the race's shared store with their rows (nothing trains at 0 steps). The ICL cell's prompts
+        """The zero-shot cell's tuning mode: a frozen-bottom mode of the race (``final_norm``, else
+        the first ``top:K``), so that the cell evaluates dev and test through the activation cache,
+        as the trained cells of that mode will, and fills the race's shared store with their rows
+        (nothing trains at 0 steps); ``full`` when the race has none. The ICL cell's prompts
         (demonstrations + example) are seen once by one cell: it keeps the plain batched forward."""
-        return "final_norm" if "final_norm" in self.peft else "full"
+        if "final_norm" in self.peft:
+            return "final_norm"
+        return next((mode for mode in self.peft if parse_peft_mode(mode)[0] == "top"), "full")
 
     def budget_options(self) -> dict[str, Any]:
         if self.budget_kind == "steps":
@@ -216,7 +222,7 @@ def _check_lr_grid(name: str, grid: Any) -> None:
 def _validate(values: dict[str, Any]) -> RaceSpec:
     """Check the grid: names exist, it is not empty, the budget is one positive number."""
     from zotune.tasks import canonical_task_name
-    from zotune.train import PEFT_MODES, TrainConfig, resolve_optimizer
+    from zotune.train import TrainConfig, resolve_optimizer
 
     tasks = _as_list(values.get("tasks"), "tasks")
     optimizers = _as_list(values.get("optimizers"), "optimizers")
@@ -226,9 +232,8 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
     for name in optimizers:
         resolve_optimizer(name)  # raises a UserError naming the optimizers
     peft = _as_list(values.get("peft", ["final_norm"]), "peft")
-    for mode in peft:
-        if mode not in PEFT_MODES:
-            raise UserError(f"unknown tuning mode {mode!r} in the race grid; choose from {', '.join(PEFT_MODES)}")
+    for mode in peft:  # raises a UserError naming the modes (top:K included)
+        parse_peft_mode(mode, "tuning mode in the race grid")
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise UserError(f"unknown baselines {bad}; choose from {', '.join(BASELINES)}")
