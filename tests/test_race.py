@@ -196,6 +196,37 @@ def test_print_commands_then_collect_and_the_first_order_memory_figure(tmp_path,
     assert [e["forwards"] for e in evals] == [0, 2, 4] and evals[0]["seconds"] == 0.0
 
 
+def test_an_optimizer_variant_is_a_row_of_its_own(tmp_path, tiny_model_dir):
+    # LeZO as ZO-SGD with layer sampling, raced beside plain ZO-SGD: its own cells, lr grid and row
+    race = tmp_path / "race"
+    grid = ["race", "--model", str(tiny_model_dir), "--tasks", "sst2", "--peft", "full", "--optimizers",
+            "zosgd,zosgd:layer_fraction=0.5:layer_schedule=cyclic", "--seeds", "13", "--steps", "2",
+            "--lr", "zosgd=0.01", "--lr", "zosgd:layer_fraction=0.5:layer_schedule=cyclic=0.02,0.03",
+            "--set", "batch_size=4", "--set", "max_dev=8", "--set", "max_test=8", "--output-dir", str(race),
+            "--threads", "1", "--in-process"]
+    assert main(grid) == 0
+    names = sorted(p.name for p in (race / "cells").iterdir())
+    assert names == ["sst2__full__zosgd-layer_fraction0.5-layer_schedulecyclic__lr0.02__s13",
+                     "sst2__full__zosgd-layer_fraction0.5-layer_schedulecyclic__lr0.03__s13",
+                     "sst2__full__zosgd__lr0.01__s13"]
+    config = json.loads((race / "cells" / names[0] / "results.json").read_text())["config"]
+    assert config["optimizer_args"] == {"layer_fraction": 0.5, "layer_schedule": "cyclic"}
+    rows = {r["method"]: r for r in json.loads((race / "summary.json").read_text())["rows"]}
+    assert set(rows) == {"ZOSGD", "ZOSGD(layer_fraction=0.5, layer_schedule=cyclic)"}
+    assert rows["ZOSGD(layer_fraction=0.5, layer_schedule=cyclic)"]["dev_by_lr"].keys() == {"0.02", "0.03"}
+
+
+@pytest.mark.parametrize("spec, message", [("zosgd:layer_fraction", "NAME:KEY=VALUE"),
+                                           ("zosgd:no_such_option=1", "no_such_option"),
+                                           ("zosgd:layer_fraction=2", "layer_fraction")])
+def test_a_bad_optimizer_variant_fails_before_anything_runs(tmp_path, capsys, spec, message):
+    out = tmp_path / "race"
+    assert main(["race", "--tasks", "sst2", "--optimizers", spec, "--steps", "2", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def fake_cell(lr, seed, dev, test, evals=(), optimizer="ZOSGD", kind="train"):
     return {"name": f"{optimizer}-{lr}-{seed}", "task": "sst2", "kind": kind, "optimizer": optimizer,
             "peft": "final_norm", "lr": lr, "seed": seed, "dev": dev, "test": test, "steps": 10, "forwards": 20,

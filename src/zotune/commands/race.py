@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-preset", choices=("quick", "full"), help="the suite's budget (default quick)")
     parser.add_argument("--model", help="model of every cell (default smollm2-135m)")
     parser.add_argument("--tasks", help="comma-separated task names")
-    parser.add_argument("--optimizers", help="comma-separated optimizer names (adamw: first-order baseline)")
+    parser.add_argument("--optimizers", help="comma-separated optimizer names (adamw: first-order baseline); "
+                                             "NAME:KEY=VALUE[:KEY=VALUE] races a variant, e.g. "
+                                             "zosgd:layer_fraction=0.5")
     parser.add_argument("--peft", help="comma-separated tuning modes (default final_norm)")
     parser.add_argument("--seeds", help="comma-separated seeds (data seed and direction seed of each run)")
     budget = parser.add_mutually_exclusive_group()
@@ -71,7 +73,7 @@ def spec_from_args(args: argparse.Namespace):
     for item in args.lr:
         if "=" not in item:
             raise UserError(f"--lr expects OPTIMIZER=LR[,LR...], got {item!r}")
-        name, values = item.split("=", 1)
+        name, values = item.rsplit("=", 1)  # the name may be a variant: zosgd:layer_fraction=0.5=1e-4
         try:
             lr[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:

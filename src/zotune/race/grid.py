@@ -85,9 +85,10 @@ class RaceSpec:
     suite: str | None = None
     budget_preset: str | None = None
 
-    def lr_grid(self, optimizer_cls: type, peft: str) -> list[float]:
-        """The lr grid of one optimizer x mode: the race's own (``lr:``) or :data:`LR_GRIDS`."""
-        for key in (optimizer_cls.__name__, *getattr(optimizer_cls, "aliases", ())):
+    def lr_grid(self, optimizer_cls: type, peft: str, variant: str | None = None) -> list[float]:
+        """The lr grid of one optimizer x mode: the race's own (``lr:``, for the ``variant`` spec
+        first, then the optimizer's names) or :data:`LR_GRIDS`."""
+        for key in ([variant] if variant else []) + [optimizer_cls.__name__, *getattr(optimizer_cls, "aliases", ())]:
             for given, grid in self.lr.items():
                 if _norm(given) == _norm(key):
                     grid = grid.get(peft) if isinstance(grid, dict) else grid
@@ -117,16 +118,21 @@ class RaceSpec:
                             "task_args": {**self.train.get("task_args", {}), "demonstrations": demos}}
                     out.append(Cell(f"{task}__icl{demos}__s{seed}", "icl", opts))
             for peft in self.peft:
-                for name in self.optimizers:
+                for spec in self.optimizers:
+                    name, args = parse_optimizer_spec(spec)
                     cls = resolve_optimizer(name)
-                    for lr in self.lr_grid(cls, peft):
+                    # "top:2+head" -> "top2head", "layer_fraction=0.5" -> "layer_fraction0.5": names
+                    # without ":", "+" or "="
+                    label = _norm(name) + "".join(f"-{k}{v}" for k, v in args.items())
+                    cell_name = f"{re.sub(r'[^A-Za-z0-9_]', '', peft)}__{re.sub(r'[^A-Za-z0-9_.-]', '', label)}"
+                    for lr in self.lr_grid(cls, peft, spec if args else None):
                         for seed in self.seeds:
                             opts = {**common, "task": task, "peft": peft, "optimizer": name, "lr": lr,
                                     "seed": seed, "data_seed": seed, **self.budget_options()}
+                            if args:
+                                opts["optimizer_args"] = {**self.train.get("optimizer_args", {}), **args}
                             opts.setdefault("save_every", self.eval_every)  # a killed cell resumes
-                            # "top:2+head" -> "top2head": a directory name without ":" or "+"
-                            mode = re.sub(r"[^A-Za-z0-9_]", "", peft)
-                            out.append(Cell(f"{task}__{mode}__{_norm(name)}__lr{lr:g}__s{seed}", "train", opts))
+                            out.append(Cell(f"{task}__{cell_name}__lr{lr:g}__s{seed}", "train", opts))
         return out
 
     def zeroshot_peft(self) -> str:
@@ -152,6 +158,36 @@ class RaceSpec:
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_ ]", "", str(name).lower())
+
+
+def parse_optimizer_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"zosgd:layer_fraction=0.5:layer_schedule=cyclic"`` -> ``("zosgd", {"layer_fraction": 0.5, ...})``:
+    a race entry that runs one optimizer with extra constructor options (a variant of its own in
+    the report, e.g. LeZO as ZO-SGD with layer sampling). Values are read as YAML scalars."""
+    import yaml
+
+    name, *pairs = str(spec).split(":")
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"optimizer {spec!r}: options go as NAME:KEY=VALUE[:KEY=VALUE], "
+                            "e.g. zosgd:layer_fraction=0.5")
+        args[key.strip()] = yaml.safe_load(value)
+    return name.strip(), args
+
+
+def _check_optimizer_args(spec: str, cls: type, args: dict[str, Any]) -> None:
+    """Build the optimizer on one small weight, so that a misspelt or invalid option fails before
+    any cell runs."""
+    import torch
+
+    if not args:
+        return
+    try:
+        cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"optimizer {spec!r}: {exc}") from None
 
 
 def options_to_flags(options: dict[str, Any]) -> list[str]:
@@ -229,8 +265,9 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
     baselines = _as_list(values.get("baselines"), "baselines")
     for task in tasks:
         canonical_task_name(task)  # raises a UserError naming the valid tasks
-    for name in optimizers:
-        resolve_optimizer(name)  # raises a UserError naming the optimizers
+    for spec in optimizers:
+        name, args = parse_optimizer_spec(spec)
+        _check_optimizer_args(spec, resolve_optimizer(name), args)  # unknown names: a UserError listing them
     peft = _as_list(values.get("peft", ["final_norm"]), "peft")
     for mode in peft:  # raises a UserError naming the modes (top:K included)
         parse_peft_mode(mode, "tuning mode in the race grid")
@@ -271,7 +308,7 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
         raise UserError("the race's lr grid must map optimizer names to lists of learning rates "
                         "(--lr zosgd=1e-3,1e-2)")
     for name, grid in lr.items():
-        resolve_optimizer(name)
+        resolve_optimizer(parse_optimizer_spec(name)[0])
         _check_lr_grid(name, grid)
     target = values.get("target", "zosgd")
     if isinstance(target, str):

@@ -42,6 +42,14 @@ def _primary(metrics: dict[str, float] | None) -> float | None:
     return float(metrics["f1"] if "f1" in metrics else metrics["accuracy"])
 
 
+def optimizer_label(name: str, args: dict[str, Any] | None) -> str:
+    """The method's row name: its class, plus its options when it ran with some (a variant:
+    ``ZOSGD(layer_fraction=0.5)`` is a row of its own beside ``ZOSGD``)."""
+    if not args:
+        return name
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(args.items()))})"
+
+
 def read_cell(directory: Path) -> dict[str, Any]:
     """One finished run: what it was (task, kind, optimizer, lr, seed) and what it measured."""
     results = json.loads((directory / "results.json").read_text())
@@ -67,7 +75,7 @@ def read_cell(directory: Path) -> dict[str, Any]:
                       "forwards": int(results["forwards"]), "dev": dev_after})
     return {
         "name": directory.name, "task": results["task"], "kind": kind,
-        "optimizer": results["optimizer"] if kind == "train" else kind,
+        "optimizer": optimizer_label(results["optimizer"], config.get("optimizer_args")) if kind == "train" else kind,
         "peft": results["peft"] if kind == "train" else "-", "lr": config.get("lr") if kind == "train" else None,
         "seed": config.get("seed"), "demonstrations": demos,
         "dev": dev_after, "test": _primary(results["after"].get("test")),
