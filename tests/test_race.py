@@ -254,14 +254,19 @@ def test_time_to_target_including_not_reached():
              + [fake_cell(0.01, 1, 0.8, 0.7, evals=(0.5, 0.8), optimizer="HiZOO"),
                 fake_cell(0.01, 2, 0.6, 0.7, evals=(0.5, 0.6), optimizer="HiZOO")]
              + [fake_cell(0.01, s, 0.6, 0.6, evals=(0.5, 0.6), optimizer="ZOAdam") for s in (1, 2)])
+    for c in cells[:2]:
+        c["train_seconds"] = 4.0  # ZO-SGD's whole runs
     summary = summarize(cells, target="zosgd")
     rows = {r["method"]: r for r in summary["rows"]}
     assert summary["targets"] == {"sst2/final_norm": 0.7}
     assert (rows["ZOSGD"]["target_reached"], rows["ZOSGD"]["target_forwards_mean"]) == (2, 2.0)
     assert (rows["HiZOO"]["target_reached"], rows["HiZOO"]["target_runs"]) == (1, 2)
+    # HiZOO reached the target 1.0 s into its run, a quarter of ZO-SGD's 4.0 s
+    assert rows["HiZOO"]["target_seconds_vs_target_run"] == pytest.approx(0.25)
+    assert rows["ZOAdam"]["target_seconds_vs_target_run"] is None
     assert rows["ZOAdam"]["target_reached"] == 0 and rows["ZOAdam"]["target_seconds_mean"] is None
     text = markdown(summary, cells)
-    assert "| ZOAdam | final_norm |" in text and "not reached" in text and "1/2" in text
+    assert "| ZOAdam | final_norm |" in text and "not reached" in text and "1/2" in text and "1.0 (0.25x)" in text
     fixed = summarize(cells, target=0.75)["rows"]
     assert {r["method"]: r["target_reached"] for r in fixed} == {"HiZOO": 1, "ZOAdam": 0, "ZOSGD": 0}
 

@@ -150,6 +150,9 @@ def summarize(cells: list[dict[str, Any]], target: str | float = "zosgd") -> dic
                      "train_seconds_mean": _mean_std(r["train_seconds"] for r in runs)[0],
                      "peak_memory_mb_mean": _mean_std(r["peak_memory_mb"] for r in runs)[0]})
     targets: dict[str, float] = {}
+    # the target optimizer's whole run (mean seconds inside optimizer steps) per task/mode: time to
+    # target is also given as a fraction of it ("in a third of ZO-SGD's wall-clock")
+    base_seconds: dict[str, float] = {}
     for row in rows:
         inference = next((r["peak_memory_mb_mean"] for r in rows
                           if r["task"] == row["task"] and r["kind"] == "zeroshot"), None)
@@ -165,13 +168,17 @@ def summarize(cells: list[dict[str, Any]], target: str | float = "zosgd") -> dic
                          and (r["task"], r["peft"]) == (row["task"], row["peft"])), None)
             if base is not None and base["dev_mean"] is not None:
                 targets[tkey] = base["dev_mean"]
+                if base["train_seconds_mean"]:
+                    base_seconds[tkey] = base["train_seconds_mean"]
         goal = targets.get(tkey)
         hits = [time_to_target(r["evals"], goal) if goal is not None else None
                 for r in chosen_runs[(row["task"], row["peft"], row["method"])]]
         reached = [h for h in hits if h is not None]
-        row.update(target=goal, target_reached=len(reached), target_runs=len(hits),
-                   target_seconds_mean=_mean_std(h[0] for h in reached)[0],
-                   target_forwards_mean=_mean_std(float(h[1]) for h in reached)[0])
+        seconds = _mean_std(h[0] for h in reached)[0]
+        row.update(target=goal, target_reached=len(reached), target_runs=len(hits), target_seconds_mean=seconds,
+                   target_forwards_mean=_mean_std(float(h[1]) for h in reached)[0],
+                   target_seconds_vs_target_run=seconds / base_seconds[tkey]
+                   if seconds is not None and tkey in base_seconds else None)
     return {"target": target, "targets": targets, "rows": rows,
             "curves": {f"{k[0]}|{k[1]}|{k[2]}": [r["evals"] for r in v] for k, v in chosen_runs.items()
                        if v[0]["kind"] == "train"}}
@@ -197,7 +204,8 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
     target = summary["target"]
     goal = f"{target:g}" if isinstance(target, (int, float)) else f"{target}'s mean dev at its chosen lr"
     lines += ["Test metric of the lr chosen by dev (mean ± std over seeds). Time to target: until dev reaches "
-              f"{goal} (seconds inside optimizer steps; mean over the seeds that reached it). "
+              f"{goal} (seconds inside optimizer steps; mean over the seeds that reached it; in brackets, "
+              f"as a fraction of {target}'s whole run). "
               "Memory: peak per process, and its ratio to zero-shot inference on the same task.", ""]
     for task in sorted({r["task"] for r in summary["rows"]}):
         rows = [r for r in summary["rows"] if r["task"] == task]
@@ -212,6 +220,8 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
             if r["kind"] == "train" and r.get("target") is not None:
                 reached = f"{r['target_reached']}/{r['target_runs']}" if r["target_reached"] else "not reached"
                 to_s = _fmt(r["target_seconds_mean"], digits=1)
+                if r.get("target_seconds_vs_target_run") is not None:
+                    to_s += f" ({r['target_seconds_vs_target_run']:.2f}x)"
                 to_f = _fmt(r["target_forwards_mean"], digits=0)
             mem = _fmt(r["peak_memory_mb_mean"], digits=0)
             if r["memory_vs_inference"] is not None:
@@ -232,10 +242,10 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
 
 
 def cell_cpu_seconds(root: Path) -> dict[str, float]:
-    """CPU seconds (user + sys) per cell from the race's timing.jsonl (summed over a resumed cell's runs)."""
-    path = root / "timing.jsonl"
+    """CPU seconds (user + sys) per cell from the timing.jsonl files under ``root`` (summed over a
+    resumed cell's runs)."""
     out: dict[str, float] = {}
-    if path.exists():
+    for path in sorted(root.rglob("timing.jsonl")):  # --collect over several races: each has its own
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
