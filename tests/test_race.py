@@ -100,6 +100,18 @@ def test_a_top_k_race_evaluates_zero_shot_through_the_same_cache(tmp_path):
     assert build_spec({}, {**grid, "peft": "lora"}).zeroshot_peft() == "full"
 
 
+def test_eval_every_forwards_samples_every_curve_at_the_same_forwards():
+    spec = build_spec({}, {"tasks": "sst2", "optimizers": "zosgd,fzoo,fzoo:n_queries=3,zo-muon", "forwards": 72,
+                           "eval_every_forwards": 36})
+    every = {c.name.split("__")[2]: c.options["eval_every"] for c in spec.cells()}
+    # 2, 9, 4 and 5 forwards a step
+    assert every == {"zosgd": 18, "fzoo": 4, "fzoo-n_queries3": 9, "zomuon": 7}
+    assert all(c.options["save_every"] == c.options["eval_every"] for c in spec.cells())
+    # a suite's step cadence gives way to a cadence in forwards given by the user
+    quick = build_spec({}, {"suite": "lmbff-k16", "optimizers": "zosgd", "eval_every_forwards": 8})
+    assert {c.options["eval_every"] for c in quick.cells() if c.kind == "train"} == {4}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "nosuchtask", "--optimizers", "zosgd", "--steps", "2"], "unknown task"),
     (["--tasks", "sst2", "--optimizers", "nosuchopt", "--steps", "2"], "unknown optimizer"),
@@ -112,6 +124,8 @@ def test_a_top_k_race_evaluates_zero_shot_through_the_same_cache(tmp_path):
     (["--tasks", "sst2", "--peft", "nosuchmode", "--optimizers", "zosgd", "--steps", "2"], "unknown tuning mode"),
     (["--tasks", "sst2", "--peft", "top:0", "--optimizers", "zosgd", "--steps", "2"], "unknown tuning mode"),
     (["--suite", "nosuchsuite", "--optimizers", "zosgd"], "unknown suite"),
+    (["--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2", "--eval-every", "1", "--eval-every-forwards", "2"],
+     "one of --eval-every"),
 ])
 def test_a_bad_grid_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "race"

@@ -30,7 +30,7 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="race grid as YAML (keys: suite, budget_preset, model, tasks, optimizers, "
                                          "peft, seeds, steps|forwards|seconds, eval_every, lr, baselines, "
-                                         "icl_demonstrations, target, train)")
+                                         "eval_every_forwards, icl_demonstrations, target, train)")
     parser.add_argument("--suite", help="a paper protocol: lmbff-k16 or superglue-1k")
     parser.add_argument("--budget-preset", choices=("quick", "full"), help="the suite's budget (default quick)")
     parser.add_argument("--model", help="model of every cell (default smollm2-135m)")
@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--forwards", type=int, help="budget: forward passes per cell")
     budget.add_argument("--seconds", type=float, help="budget: seconds inside optimizer steps per cell")
     parser.add_argument("--eval-every", type=int, help="dev evaluation every N steps (the curves' resolution)")
+    parser.add_argument("--eval-every-forwards", type=int,
+                        help="dev evaluation every N forwards, converted per optimizer to steps (FZOO: 9 forwards "
+                             "a step, ZO-SGD 2), so that every curve is sampled at the same forwards")
     parser.add_argument("--lr", action="append", default=[], metavar="OPT=LR[,LR...]",
                         help="lr grid of one optimizer (repeatable; default: the documented grid)")
     parser.add_argument("--baselines", help="comma-separated: zeroshot, icl")
@@ -82,6 +85,7 @@ def spec_from_args(args: argparse.Namespace):
     flags = {"suite": args.suite, "budget_preset": args.budget_preset, "model": args.model, "tasks": args.tasks,
              "optimizers": args.optimizers, "peft": args.peft, "seeds": args.seeds, "steps": args.steps,
              "forwards": args.forwards, "seconds": args.seconds, "eval_every": args.eval_every,
+             "eval_every_forwards": args.eval_every_forwards,
              "baselines": args.baselines, "icl_demonstrations": args.icl_demonstrations, "target": args.target,
              "lr": {**(file_values.get("lr") or {}), **lr} if lr else None,
              "train": {**(file_values.get("train") or {}), **train} if train else None}

@@ -31,7 +31,7 @@ BASELINES = ("zeroshot", "icl")
 DEFAULT_DEMONSTRATIONS = 16
 #: what a race grid may set; ``train`` holds any other ``zotune train`` option for every cell
 GRID_KEYS = ("suite", "budget_preset", "model", "tasks", "optimizers", "peft", "seeds", "steps", "forwards",
-             "seconds", "eval_every", "lr", "baselines", "icl_demonstrations", "target", "train")
+             "seconds", "eval_every", "eval_every_forwards", "lr", "baselines", "icl_demonstrations", "target", "train")
 
 #: Learning-rate grids per optimizer (class name) and tuning mode. Full/LoRA/prefix rows follow
 #: the papers' grids (MeZO Table 15 and its OPT script, ZO-Bench sweeps, HiZOO, ZO-AdaMU
@@ -77,6 +77,9 @@ class RaceSpec:
     budget_kind: str = "steps"
     budget: float = 0
     eval_every: int = 0
+    #: dev evaluation every this many forwards (converted per optimizer to steps, so that methods
+    #: with 2, 5 or 9 forwards per step are compared at the same points); 0: ``eval_every`` steps
+    eval_every_forwards: int = 0
     lr: dict[str, Any] = field(default_factory=dict)
     baselines: list[str] = field(default_factory=list)
     icl_demonstrations: int = 0
@@ -125,13 +128,16 @@ class RaceSpec:
                     # without ":", "+" or "="
                     label = _norm(name) + "".join(f"-{k}{v}" for k, v in args.items())
                     cell_name = f"{re.sub(r'[^A-Za-z0-9_]', '', peft)}__{re.sub(r'[^A-Za-z0-9_.-]', '', label)}"
+                    every = self.eval_every
+                    if self.eval_every_forwards:
+                        every = max(1, round(self.eval_every_forwards / forwards_per_step(cls, args)))
                     for lr in self.lr_grid(cls, peft, spec if args else None):
                         for seed in self.seeds:
                             opts = {**common, "task": task, "peft": peft, "optimizer": name, "lr": lr,
-                                    "seed": seed, "data_seed": seed, **self.budget_options()}
+                                    "seed": seed, "data_seed": seed, "eval_every": every, **self.budget_options()}
                             if args:
                                 opts["optimizer_args"] = {**self.train.get("optimizer_args", {}), **args}
-                            opts.setdefault("save_every", self.eval_every)  # a killed cell resumes
+                            opts.setdefault("save_every", every)  # a killed cell resumes
                             out.append(Cell(f"{task}__{cell_name}__lr{lr:g}__s{seed}", "train", opts))
         return out
 
@@ -175,6 +181,15 @@ def parse_optimizer_spec(spec: str) -> tuple[str, dict[str, Any]]:
                             "e.g. zosgd:layer_fraction=0.5")
         args[key.strip()] = yaml.safe_load(value)
     return name.strip(), args
+
+
+def forwards_per_step(cls: type, args: dict[str, Any]) -> float:
+    """Forward passes per step of ``cls`` built with ``args`` (FZOO's depend on ``n_queries``)."""
+    if not args:
+        return float(cls.forwards_per_step)
+    import torch
+
+    return float(cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **args).forwards_per_step)
 
 
 def _check_optimizer_args(spec: str, cls: type, args: dict[str, Any]) -> None:
@@ -226,6 +241,8 @@ def build_spec(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Race
     if given_budget:  # a budget given in the file or flags replaces the suite's
         for k in BUDGET_KINDS:
             values.pop(k, None)
+    if merged.get("eval_every_forwards") is not None:  # so does a cadence in forwards
+        values.pop("eval_every", None)
     if isinstance(values.get("train"), dict) and isinstance(merged.get("train"), dict):
         merged["train"] = {**values["train"], **merged["train"]}
     values.update({k: v for k, v in merged.items() if v is not None})
@@ -301,8 +318,11 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
                         "seeds/lr and the budget instead")
     TrainConfig.from_dict(train)  # unknown option names fail here, with the valid ones listed
     eval_every = int(values.get("eval_every") or 0)
-    if eval_every < 0:
-        raise UserError("--eval-every must be >= 0")
+    eval_every_forwards = int(values.get("eval_every_forwards") or 0)
+    if eval_every < 0 or eval_every_forwards < 0:
+        raise UserError("--eval-every and --eval-every-forwards must be >= 0")
+    if eval_every and eval_every_forwards:
+        raise UserError("give the dev evaluation cadence as one of --eval-every (steps) or --eval-every-forwards")
     lr = values.get("lr") or {}
     if not isinstance(lr, dict):
         raise UserError("the race's lr grid must map optimizer names to lists of learning rates "
@@ -318,6 +338,7 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
             resolve_optimizer(target)
     return RaceSpec(model=str(values.get("model", "smollm2-135m")), tasks=[str(t) for t in tasks],
                     optimizers=[str(o) for o in optimizers], peft=peft, seeds=seeds, budget_kind=kind,
-                    budget=amount, eval_every=eval_every, lr=lr, baselines=baselines,
+                    budget=amount, eval_every=eval_every, eval_every_forwards=eval_every_forwards, lr=lr,
+                    baselines=baselines,
                     icl_demonstrations=int(values.get("icl_demonstrations") or 0), target=target, train=train,
                     suite=values.get("suite"), budget_preset=values.get("budget_preset"))
