@@ -106,8 +106,7 @@ class RaceSpec:
 
     def cells(self) -> list[Cell]:
         """Every cell of the grid, task by task (baselines first), in a stable order."""
-        from zotune.train import resolve_optimizer
-
+        entries = [optimizer_entry(spec) for spec in self.optimizers]
         out: list[Cell] = []
         common = {"model": self.model, "eval_every": self.eval_every, "progress": False, **self.train}
         for task in self.tasks:
@@ -121,24 +120,19 @@ class RaceSpec:
                             "task_args": {**self.train.get("task_args", {}), "demonstrations": demos}}
                     out.append(Cell(f"{task}__icl{demos}__s{seed}", "icl", opts))
             for peft in self.peft:
-                for spec in self.optimizers:
-                    name, args = parse_optimizer_spec(spec)
-                    cls = resolve_optimizer(name)
-                    # "top:2+head" -> "top2head", "layer_fraction=0.5" -> "layer_fraction0.5": names
-                    # without ":", "+" or "="
-                    label = _norm(name) + "".join(f"-{k}{v}" for k, v in args.items())
-                    cell_name = f"{re.sub(r'[^A-Za-z0-9_]', '', peft)}__{re.sub(r'[^A-Za-z0-9_.-]', '', label)}"
+                mode = re.sub(r"[^A-Za-z0-9_]", "", peft)  # "top:2+head" -> "top2head": no ":" or "+" in names
+                for entry in entries:
                     every = self.eval_every
                     if self.eval_every_forwards:
-                        every = max(1, round(self.eval_every_forwards / forwards_per_step(cls, args)))
-                    for lr in self.lr_grid(cls, peft, spec if args else None):
+                        every = max(1, round(self.eval_every_forwards / entry.forwards_per_step))
+                    for lr in self.lr_grid(entry.cls, peft, entry.spec if entry.args else None):
                         for seed in self.seeds:
-                            opts = {**common, "task": task, "peft": peft, "optimizer": name, "lr": lr,
+                            opts = {**common, "task": task, "peft": peft, "optimizer": entry.name, "lr": lr,
                                     "seed": seed, "data_seed": seed, "eval_every": every, **self.budget_options()}
-                            if args:
-                                opts["optimizer_args"] = {**self.train.get("optimizer_args", {}), **args}
+                            if entry.args:
+                                opts["optimizer_args"] = {**self.train.get("optimizer_args", {}), **entry.args}
                             opts.setdefault("save_every", every)  # a killed cell resumes
-                            out.append(Cell(f"{task}__{cell_name}__lr{lr:g}__s{seed}", "train", opts))
+                            out.append(Cell(f"{task}__{mode}__{entry.label}__lr{lr:g}__s{seed}", "train", opts))
         return out
 
     def zeroshot_peft(self) -> str:
@@ -183,26 +177,40 @@ def parse_optimizer_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), args
 
 
-def forwards_per_step(cls: type, args: dict[str, Any]) -> float:
-    """Forward passes per step of ``cls`` built with ``args`` (FZOO's depend on ``n_queries``)."""
-    if not args:
-        return float(cls.forwards_per_step)
-    import torch
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One entry of the race's optimizer list: a name, or a variant ``NAME:KEY=VALUE``."""
 
-    return float(cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **args).forwards_per_step)
+    spec: str
+    name: str
+    args: dict[str, Any]
+    cls: type
+    forwards_per_step: float  #: of an instance with ``args`` (FZOO's depend on ``n_queries``)
+
+    @property
+    def label(self) -> str:
+        """Its part of a cell name: ``zosgd``, ``zosgd-layer_fraction0.5`` (no ":" or "=")."""
+        label = _norm(self.name) + "".join(f"-{k}{v}" for k, v in self.args.items())
+        return re.sub(r"[^A-Za-z0-9_.-]", "", label)
 
 
-def _check_optimizer_args(spec: str, cls: type, args: dict[str, Any]) -> None:
-    """Build the optimizer on one small weight, so that a misspelt or invalid option fails before
-    any cell runs."""
-    import torch
+def optimizer_entry(spec: str) -> OptimizerEntry:
+    """Parse and check one optimizer entry: an unknown name is a UserError listing the optimizers;
+    a variant is built on one small weight, so that a misspelt or invalid option fails before any
+    cell runs (and its forwards per step are those of its options)."""
+    from zotune.train import resolve_optimizer
 
-    if not args:
-        return
-    try:
-        cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **args)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"optimizer {spec!r}: {exc}") from None
+    name, args = parse_optimizer_spec(spec)
+    cls = resolve_optimizer(name)
+    forwards = float(cls.forwards_per_step)
+    if args:
+        import torch
+
+        try:
+            forwards = float(cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **args).forwards_per_step)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"optimizer {spec!r}: {exc}") from None
+    return OptimizerEntry(str(spec), name, args, cls, forwards)
 
 
 def options_to_flags(options: dict[str, Any]) -> list[str]:
@@ -283,8 +291,7 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
     for task in tasks:
         canonical_task_name(task)  # raises a UserError naming the valid tasks
     for spec in optimizers:
-        name, args = parse_optimizer_spec(spec)
-        _check_optimizer_args(spec, resolve_optimizer(name), args)  # unknown names: a UserError listing them
+        optimizer_entry(spec)
     peft = _as_list(values.get("peft", ["final_norm"]), "peft")
     for mode in peft:  # raises a UserError naming the modes (top:K included)
         parse_peft_mode(mode, "tuning mode in the race grid")
