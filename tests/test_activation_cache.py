@@ -156,6 +156,43 @@ def test_training_run_follows_the_same_trajectory_with_and_without_cache(tmp_pat
     ), "the top block should have moved"
 
 
+@pytest.mark.parametrize("max_forwards", [0, 6])
+def test_warming_fills_every_training_row_before_the_clock_and_changes_nothing(tmp_path, max_forwards):
+    """--cache-warm runs the bottom over the rows the steps will read (only those a forwards budget
+    reaches), so no step runs the bottom; the run is bit-identical with warming off."""
+    from zotune.train import evaluate_before, finish_run, plan_run, run_steps, start_run, warm_cache
+
+    out = {}
+    for warm in (True, False):
+        tok = tiny_tokenizer()
+        model = apply_peft(tiny_causal_lm("llama", vocab_size=len(tok), num_layers=3), "top:1")
+        config = TrainConfig(task="sst2", steps=6, batch_size=4, max_train=20, max_dev=4, max_test=4, eval_every=0,
+                             eval_batch_size=4, progress=False, lr=1e-2, eps=1e-2, peft="top:1", cache_warm=warm,
+                             max_forwards=max_forwards, output_dir=str(tmp_path / f"w{warm}{max_forwards}"))
+        run = start_run(plan_run(config), model=model, tokenizer=tok)
+        try:
+            evaluate_before(run)
+            warm_cache(run)
+            bottoms_before_steps = run.cache.stats["bottom_rows"]
+            run_steps(run)
+            bottoms_in_steps = run.cache.stats["bottom_rows"] - bottoms_before_steps
+            results = finish_run(run)
+        finally:
+            run.close()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        out[warm] = (bottoms_in_steps, results, weights)
+    (in_steps, results, weights), (cold_in_steps, cold_results, cold_weights) = out[True], out[False]
+    steps = results["steps"]
+    assert steps == (3 if max_forwards else 6)
+    assert in_steps == 0 and results["warm_seconds"] > 0
+    assert cold_in_steps > 0 and cold_results["warm_seconds"] == 0.0
+    # the warm pass ran exactly the rows of the steps that ran (the same count the cold run's steps ran)
+    assert results["activation_cache"]["bottom_rows"] == cold_results["activation_cache"]["bottom_rows"]
+    for name, w in weights.items():
+        assert torch.equal(w, cold_weights[name]), name
+    assert results["after"] == cold_results["after"]
+
+
 # ------------------------------------------------------------------------------------------
 # memory bound, invalidation, refusals
 # ------------------------------------------------------------------------------------------

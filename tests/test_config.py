@@ -24,8 +24,9 @@ def train_help() -> str:
 
 def test_every_field_has_help_and_a_group():
     fields = dataclasses.fields(TrainConfig)
-    assert len(fields) == 49  # 42 + lora_layers, cache_mb (depth tuning) + max_forwards, max_seconds (race)
+    assert len(fields) == 50  # 42 + lora_layers, cache_mb (depth tuning) + max_forwards, max_seconds (race)
     #                           + cache_dir, plot (race cells share activations, skip curves.png) + offload
+    #                           + cache_warm (bottoms filled before the clock starts)
     for f in fields:
         assert f.metadata.get("help", "").strip(), f"{f.name} has no help text"
     grouped = [f.name for g in TrainConfig.groups() for f in dataclasses.fields(g)]

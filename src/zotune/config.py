@@ -215,6 +215,9 @@ class ModelArgs(ConfigGroup):
     cache_mb: float = option(1024.0, "memory bound (MB) of the frozen-bottom activation cache: the blocks "
                                      "below the lowest trainable weight run once per example; 0 switches it "
                                      "off", min=0)
+    cache_warm: bool = option(True, "with the activation cache on, run the frozen bottom over the training "
+                                    "rows before the first step, so step times measure steps, not the cache "
+                                    "filling")
     offload: str = option("none", "where the decoder blocks live: none (on --device), or cpu: in pinned CPU "
                                   "memory, streamed through the GPU one block at a time, for models larger "
                                   "than GPU memory (zosgd, zo-momentum, zo-sign, zo-adam, helene; one process; "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -216,6 +217,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     run = start_run(plan, model=model, tokenizer=tokenizer)
     try:
         evaluate_before(run)
+        warm_cache(run)
         run_steps(run)
         return finish_run(run)
     finally:
@@ -396,7 +398,7 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
     # train_seconds: time inside optimizer steps only (not evaluation), carried across --resume;
     # every eval record logs it with the forwards so far (time-to-target in `zotune race`)
     loop = {"step": 0, "best": None, "best_step": None, "evals_without_gain": 0, "before": None,
-            "train_seconds": 0.0}
+            "train_seconds": 0.0, "warm_seconds": 0.0}
     if config.resume:
         loop.update(checkpoint.load_checkpoint(out, model, optimizer, scheduler, repair=plan.is_main))
         if plan.is_main:
@@ -452,6 +454,39 @@ def evaluate_before(run: Run) -> None:
                    **{f"dev_{k}": v for k, v in before.items()}})
     run.say(f"zotune: before training: dev {_fmt(before)}"
             + (f", test {_fmt(loop['before']['test'])}" if run.task.test else ""))
+
+
+def warm_cache(run: Run) -> None:
+    """Run the frozen bottom over the training rows the remaining steps will read, before the clock
+    starts (activation cache on, ``--cache-warm``): the first steps would otherwise pay each new row's
+    bottom inside their step time, so ``train_seconds`` (and a race's time to target) would depend on
+    whether another run had filled the shared store first. The seconds go to ``warm_seconds``."""
+    config, loop, dist = run.config, run.loop, run.plan.dist
+    if run.cache is None or not config.cache_warm or loop["step"] >= config.steps:
+        return
+    last = config.steps
+    if config.max_forwards:  # a forwards budget ends the run before config.steps: warm only what it reads
+        per_step = float(getattr(run.optimizer, "forwards_per_step", 2) or 2)
+        last = min(last, loop["step"] + math.ceil(max(config.max_forwards - run.optimizer.zo_state["forwards"], 0)
+                                                  / per_step))
+    n_train, seen = len(run.task.train), set()
+    overflow = run.cache.stats["overflow_rows"]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for step in range(loop["step"], last):
+            batch = batch_indices(n_train, config.batch_size, step, config.seed)
+            if seen.issuperset(batch):
+                continue
+            seen.update(batch)
+            examples = [run.task.train[i] for i in batch]
+            run.objective(dist.shard(examples) if dist is not None else examples)
+            if run.cache.stats["overflow_rows"] > overflow and run.cache.store is None:
+                break  # beyond --cache-mb and no store: the steps will recompute these rows anyway
+            if len(seen) == n_train:
+                break
+    loop["warm_seconds"] = loop.get("warm_seconds", 0.0) + time.perf_counter() - t0  # older checkpoints lack it
+    run.say(f"zotune: activation cache: {len(seen):,} training rows through the frozen bottom before the first "
+            f"step ({time.perf_counter() - t0:.1f} s, not counted in the step times)")
 
 
 def run_steps(run: Run) -> None:
@@ -559,6 +594,7 @@ def finish_run(run: Run) -> dict[str, Any]:
         "after": final,
         "seconds_per_step": float(np.median(run.step_times)) if run.step_times else None,
         "train_seconds": loop["train_seconds"],
+        "warm_seconds": loop.get("warm_seconds", 0.0),
         "wall_clock_s": time.time() - plan.wall_start,
         "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
         "data_parallel": plan.resolved["data_parallel"],
