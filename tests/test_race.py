@@ -263,6 +263,10 @@ def test_time_to_target_including_not_reached():
     assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.5},
                            {"seconds": 3.0, "forwards": 6, "dev": 0.75}], 0.7) == (3.0, 6)
     assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.5}], 0.7) is None
+    # the evaluation before the first step never counts, even where it meets the target
+    assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.8},
+                           {"seconds": 3.0, "forwards": 6, "dev": 0.6},
+                           {"seconds": 5.0, "forwards": 10, "dev": 0.7}], 0.7) == (5.0, 10)
     # ZO-SGD sets the target (mean dev 0.7); HiZOO reaches it in one seed of two, ZO-Adam never
     cells = ([fake_cell(0.01, s, 0.7, 0.7, evals=(0.5, 0.7)) for s in (1, 2)]
              + [fake_cell(0.01, 1, 0.8, 0.7, evals=(0.5, 0.8), optimizer="HiZOO"),
@@ -283,6 +287,12 @@ def test_time_to_target_including_not_reached():
     assert "| ZOAdam | final_norm |" in text and "not reached" in text and "1/2" in text and "1.0 (0.25x)" in text
     fixed = summarize(cells, target=0.75)["rows"]
     assert {r["method"]: r["target_reached"] for r in fixed} == {"HiZOO": 1, "ZOAdam": 0, "ZOSGD": 0}
+    assert not any(r["target_at_zeroshot"] for r in summary["rows"] if r["kind"] == "train")
+    assert "say nothing about speed" not in text
+    # a zero-shot dev at the target: the report says the target columns mean nothing there
+    vacuous = summarize([*cells, fake_cell(None, 1, 0.7, 0.6, kind="zeroshot", optimizer="zeroshot")], "zosgd")
+    assert all(r["target_at_zeroshot"] for r in vacuous["rows"] if r["kind"] == "train")
+    assert "The target is not above zero-shot dev here (final_norm)" in markdown(vacuous, cells)
 
 
 def test_first_order_adamw_backpropagates_and_keeps_weights_on_nan():
