@@ -235,8 +235,8 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
                          f"| {_fmt(r['test_mean'], r['test_std'])} | {reached} | {to_s} | {to_f} | {mem} |")
         vacuous = sorted({r["peft"] for r in rows if r.get("target_at_zeroshot")})
         if vacuous:
-            lines.append(f"The target is not above zero-shot dev here ({', '.join(vacuous)}): the target columns "
-                         "say nothing about speed on this task.")
+            lines += ["", f"The target is not above zero-shot dev here ({', '.join(vacuous)}): the target columns "
+                         "say nothing about speed on this task."]
         lines.append("")
     if summary.get("cpu_seconds_total") is not None:
         lines += [f"CPU time of the cell processes: {summary['cpu_seconds_total'] / 60:.1f} min (user + sys, "
