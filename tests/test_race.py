@@ -210,6 +210,28 @@ def test_print_commands_then_collect_and_the_first_order_memory_figure(tmp_path,
     assert [e["forwards"] for e in evals] == [0, 2, 4] and evals[0]["seconds"] == 0.0
 
 
+def test_lr_grid_as_factors_of_each_mode_default_and_for_every_optimizer(capsys):
+    # "*=x1,x10": every optimizer without a grid of its own, at 1x and 10x its default lr of the mode
+    from zotune.optim import ZOSGD
+
+    grid = {"tasks": "sst2", "optimizers": "zosgd,zoadam", "seeds": "1", "steps": 3, "peft": "lora,full",
+            "lr": {"*": ["x1", "x10"], "zoadam": [1e-3]}}
+    cells = build_spec({}, grid).cells()
+    lrs = {(c.options["peft"], c.options["optimizer"], round(c.options["lr"], 12)) for c in cells}
+    lora, full = ZOSGD.lr_by_mode["lora"], ZOSGD.lr_by_mode["full"]
+    assert lrs == {("lora", "zosgd", lora), ("lora", "zosgd", round(10 * lora, 12)), ("full", "zosgd", full),
+                   ("full", "zosgd", round(10 * full, 12)), ("lora", "zoadam", 1e-3), ("full", "zoadam", 1e-3)}
+    # the same grid from the command line
+    assert main(["race", "--tasks", "sst2", "--optimizers", "zosgd", "--peft", "full", "--steps", "2",
+                 "--seeds", "1", "--lr", "*=x3", "--output-dir", "unused", "--print-commands"]) == 0
+    assert f"--lr {3 * full:g}" in capsys.readouterr().out
+    for bad in ("*=x", "*=x0", "*=xfast", "*=x-2"):
+        assert main(["race", "--tasks", "sst2", "--optimizers", "zosgd", "--steps", "2", "--lr", bad,
+                     "--output-dir", "unused", "--print-commands"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--lr" in err and "\n" not in err and "Traceback" not in err
+
+
 def test_an_optimizer_variant_is_a_row_of_its_own(tmp_path, tiny_model_dir):
     # LeZO as ZO-SGD with layer sampling, raced beside plain ZO-SGD: its own cells, lr grid and row
     race = tmp_path / "race"

@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dev evaluation every N forwards, converted per optimizer to steps (FZOO: 9 forwards "
                              "a step, ZO-SGD 2), so that every curve is sampled at the same forwards")
     parser.add_argument("--lr", action="append", default=[], metavar="OPT=LR[,LR...]",
-                        help="lr grid of one optimizer (repeatable; default: the documented grid)")
+                        help="lr grid of one optimizer (repeatable; default: the documented grid); OPT * for "
+                             "every optimizer without its own; xF for F times the optimizer's default lr of "
+                             "the cell's mode, e.g. --lr '*=x10,x100'")
     parser.add_argument("--baselines", help="comma-separated: zeroshot, icl")
     parser.add_argument("--icl-demonstrations", type=int, help="solved examples in the ICL baseline's prompt")
     parser.add_argument("--target", help="time-to-target goal: an optimizer (its mean dev; default zosgd) or a number")
@@ -77,10 +79,12 @@ def spec_from_args(args: argparse.Namespace):
         if "=" not in item:
             raise UserError(f"--lr expects OPTIMIZER=LR[,LR...], got {item!r}")
         name, values = item.rsplit("=", 1)  # the name may be a variant: zosgd:layer_fraction=0.5=1e-4
-        try:
-            lr[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+        try:  # xF: F times the optimizer's default lr for the cell's mode
+            lr[name.strip()] = [v.strip() if v.strip().lower().startswith("x") and float(v.strip()[1:]) else float(v)
+                                for v in values.split(",") if v.strip()]
         except ValueError:
-            raise UserError(f"--lr {item!r}: learning rates must be numbers") from None
+            raise UserError(f"--lr {item!r}: learning rates must be numbers, or xF for F times the mode's "
+                            "default lr") from None
     train = parse_key_values(args.set, "--set")
     flags = {"suite": args.suite, "budget_preset": args.budget_preset, "model": args.model, "tasks": args.tasks,
              "optimizers": args.optimizers, "peft": args.peft, "seeds": args.seeds, "steps": args.steps,

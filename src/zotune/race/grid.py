@@ -90,18 +90,22 @@ class RaceSpec:
 
     def lr_grid(self, optimizer_cls: type, peft: str, variant: str | None = None) -> list[float]:
         """The lr grid of one optimizer x mode: the race's own (``lr:``, for the ``variant`` spec
-        first, then the optimizer's names) or :data:`LR_GRIDS`."""
-        for key in ([variant] if variant else []) + [optimizer_cls.__name__, *getattr(optimizer_cls, "aliases", ())]:
+        first, then the optimizer's names, then ``*``) or :data:`LR_GRIDS`. An entry ``"x30"`` is
+        30 times the optimizer's default lr for the mode (``lr_by_mode``), so one grid of factors
+        fits every method and mode."""
+        from zotune.train import TrainConfig, default_lr
+
+        keys = ([variant] if variant else []) + [optimizer_cls.__name__, *getattr(optimizer_cls, "aliases", ()), "*"]
+        for key in keys:
             for given, grid in self.lr.items():
                 if _norm(given) == _norm(key):
                     grid = grid.get(peft) if isinstance(grid, dict) else grid
                     if grid is not None:
-                        return [float(x) for x in (grid if isinstance(grid, list) else [grid])]
+                        base = default_lr(TrainConfig(peft=peft), optimizer_cls)
+                        return [_lr_value(x, base) for x in (grid if isinstance(grid, list) else [grid])]
         table = LR_GRIDS.get(optimizer_cls.__name__, {})
         if peft in table:
             return list(table[peft])
-        from zotune.train import TrainConfig, default_lr
-
         return [default_lr(TrainConfig(peft=peft), optimizer_cls)]
 
     def cells(self) -> list[Cell]:
@@ -267,13 +271,21 @@ def _as_list(value: Any, what: str) -> list[Any]:
     return [value]
 
 
+def _lr_value(value: Any, default: float) -> float:
+    """A learning rate of a grid: a number, or ``"xF"``: F times the mode's ``default``."""
+    if isinstance(value, str) and value.strip().lower().startswith("x"):
+        return float(value.strip()[1:]) * default
+    return float(value)
+
+
 def _check_lr_grid(name: str, grid: Any) -> None:
-    """An optimizer's lr grid (a list, or a list per tuning mode) holds at least one lr, each > 0."""
+    """An optimizer's lr grid (a list, or a list per tuning mode) holds at least one lr, each > 0
+    (a number, or ``xF``: F times the mode's default lr)."""
     for mode, lrs in (grid.items() if isinstance(grid, dict) else [(None, grid)]):
         where = f"--lr {name}" + (f" ({mode})" if mode else "")
         values = lrs if isinstance(lrs, list) else [lrs]
         try:
-            bad = [v for v in values if not float(v) > 0]
+            bad = [v for v in values if not _lr_value(v, 1.0) > 0]
         except (TypeError, ValueError):
             raise UserError(f"{where}: learning rates must be numbers, got {lrs!r}") from None
         if not values or bad:
@@ -335,7 +347,8 @@ def _validate(values: dict[str, Any]) -> RaceSpec:
         raise UserError("the race's lr grid must map optimizer names to lists of learning rates "
                         "(--lr zosgd=1e-3,1e-2)")
     for name, grid in lr.items():
-        resolve_optimizer(parse_optimizer_spec(name)[0])
+        if name.strip() != "*":  # *: every optimizer without a grid of its own
+            resolve_optimizer(parse_optimizer_spec(name)[0])
         _check_lr_grid(name, grid)
     target = values.get("target", "zosgd")
     if isinstance(target, str):
