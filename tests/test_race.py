@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -230,6 +231,38 @@ def test_lr_grid_as_factors_of_each_mode_default_and_for_every_optimizer(capsys)
                      "--output-dir", "unused", "--print-commands"]) == 2
         err = capsys.readouterr().err.strip()
         assert "--lr" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_lr_from_a_probe_per_optimizer_and_mode(tmp_path, capsys):
+    # the probe chose per method and mode on SST-2; the race takes those lrs on every task, an
+    # explicit --lr still wins, and a probe missing a row or disagreeing across tasks is refused
+    def row(method, peft, lr, task="sst2"):
+        return {"task": task, "peft": peft, "method": method, "kind": "train", "lr": lr}
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    rows = [row("ZOSGD", "lora", 1e-3), row("ZOSGD", "full", 1e-5), row("ZOAdam", "lora", 3e-3),
+            row("ZOAdam", "full", 3e-4), row("ZOSGD(layer_fraction=0.5)", "lora", 2e-3),
+            {"task": "sst2", "peft": "-", "method": "zeroshot", "kind": "zeroshot", "lr": None}]
+    (probe / "summary.json").write_text(json.dumps({"rows": rows}))
+    race = ["race", "--tasks", "sst2,rte", "--seeds", "1", "--steps", "2", "--output-dir", str(tmp_path / "r"),
+            "--print-commands", "--lr-from", str(probe)]
+    assert main([*race, "--optimizers", "zosgd,zoadam", "--peft", "lora,full", "--lr", "zoadam=7e-3"]) == 0
+    got = sorted(re.search(r"--task (\S+) .*--peft (\S+) .*--optimizer (\S+) .*--lr (\S+)", line).groups()
+                 for line in capsys.readouterr().out.strip().splitlines())
+    assert got == sorted([(t, m, o, lr) for t in ("sst2", "rte") for m, o, lr in
+                          [("lora", "zosgd", "0.001"), ("full", "zosgd", "1e-05"),
+                           ("lora", "zoadam", "0.007"), ("full", "zoadam", "0.007")]])
+    assert main([*race, "--optimizers", "zosgd:layer_fraction=0.5", "--peft", "lora"]) == 0
+    assert "--lr 0.002" in capsys.readouterr().out
+    (probe / "summary.json").write_text(json.dumps({"rows": [*rows, row("ZOSGD", "lora", 1e-2, task="rte")]}))
+    for extra, message in [(["--optimizers", "zosgd", "--peft", "lora"], "different lrs for ZOSGD (lora)"),
+                           (["--optimizers", "fzoo", "--peft", "lora"], "no FZOO row in mode lora")]:
+        assert main([*race, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err
+    assert main([*race[:-1], str(tmp_path), "--optimizers", "zosgd", "--peft", "lora"]) == 2
+    assert "no summary.json there" in capsys.readouterr().err
 
 
 def test_an_optimizer_variant_is_a_row_of_its_own(tmp_path, tiny_model_dir):

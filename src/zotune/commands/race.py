@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lr grid of one optimizer (repeatable; default: the documented grid); OPT * for "
                              "every optimizer without its own; xF for F times the optimizer's default lr of "
                              "the cell's mode, e.g. --lr '*=x10,x100'")
+    parser.add_argument("--lr-from", metavar="DIR",
+                        help="each optimizer and mode at the lr an earlier race (a probe) chose on dev: its "
+                             "directory or summary.json (an --lr of an optimizer still wins)")
     parser.add_argument("--baselines", help="comma-separated: zeroshot, icl")
     parser.add_argument("--icl-demonstrations", type=int, help="solved examples in the ICL baseline's prompt")
     parser.add_argument("--target", help="time-to-target goal: an optimizer (its mean dev; default zosgd) or a number")
@@ -93,7 +96,14 @@ def spec_from_args(args: argparse.Namespace):
              "baselines": args.baselines, "icl_demonstrations": args.icl_demonstrations, "target": args.target,
              "lr": {**(file_values.get("lr") or {}), **lr} if lr else None,
              "train": {**(file_values.get("train") or {}), **train} if train else None}
-    return build_spec(file_values, flags)
+    spec = build_spec(file_values, flags)
+    if args.lr_from:  # an explicit --lr (or the YAML's lr:) of an optimizer wins over the probe's
+        from zotune.race.grid import lrs_from_probe, normalize_name
+
+        given = {normalize_name(k) for k in spec.lr}
+        probe = {k: v for k, v in lrs_from_probe(spec, Path(args.lr_from)).items() if normalize_name(k) not in given}
+        spec.lr = {**probe, **spec.lr}
+    return spec
 
 
 def run(args: argparse.Namespace) -> int:

@@ -98,7 +98,7 @@ class RaceSpec:
         keys = ([variant] if variant else []) + [optimizer_cls.__name__, *getattr(optimizer_cls, "aliases", ()), "*"]
         for key in keys:
             for given, grid in self.lr.items():
-                if _norm(given) == _norm(key):
+                if normalize_name(given) == normalize_name(key):
                     grid = grid.get(peft) if isinstance(grid, dict) else grid
                     if grid is not None:
                         base = default_lr(TrainConfig(peft=peft), optimizer_cls)
@@ -160,8 +160,45 @@ class RaceSpec:
         return dataclasses.asdict(self)
 
 
-def _norm(name: str) -> str:
+def normalize_name(name: str) -> str:
+    """An optimizer name compared case- and separator-blind: ZO-SGD, zo_sgd, zosgd."""
     return re.sub(r"[-_ ]", "", str(name).lower())
+
+
+def lrs_from_probe(spec: RaceSpec, source: Path) -> dict[str, dict[str, list[float]]]:
+    """The lr an earlier race (a probe) chose on dev for each of ``spec``'s optimizers and modes,
+    as a grid of one: ``{optimizer spec: {mode: [lr]}}``. ``source`` is that race's directory or
+    its summary.json. A method the probe chose different lrs for on different tasks is refused
+    (race those tasks separately); a probe on one task gives its lr to every task (MeZO's
+    protocol tunes on one)."""
+    import json
+
+    from zotune.race.report import optimizer_label
+
+    path = source / "summary.json" if source.is_dir() else source
+    try:
+        rows = [r for r in json.loads(path.read_text())["rows"] if r.get("kind") == "train"]
+    except FileNotFoundError:
+        raise UserError(f"--lr-from {source}: no summary.json there (zotune race --collect {source} "
+                        "writes it)") from None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise UserError(f"--lr-from {path}: not a race summary ({e})") from None
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in spec.optimizers:
+        entry = optimizer_entry(name)
+        label = optimizer_label(entry.cls.__name__, entry.args)
+        for mode in spec.peft:
+            chosen = {(r["task"], float(r["lr"])) for r in rows if r["method"] == label and r["peft"] == mode}
+            lrs = sorted({lr for _, lr in chosen})
+            if not lrs:
+                raise UserError(f"--lr-from {path}: the probe has no {label} row in mode {mode}; give its grid "
+                                f"with --lr {name}=...")
+            if len(lrs) > 1:
+                raise UserError(f"--lr-from {path}: the probe chose different lrs for {label} ({mode}) on its "
+                                f"tasks: {', '.join(f'{t} {lr:g}' for t, lr in sorted(chosen))}; race the tasks "
+                                "separately")
+            out.setdefault(name, {})[mode] = lrs
+    return out
 
 
 def parse_optimizer_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -194,7 +231,7 @@ class OptimizerEntry:
     @property
     def label(self) -> str:
         """Its part of a cell name: ``zosgd``, ``zosgd-layer_fraction0.5`` (no ":" or "=")."""
-        label = _norm(self.name) + "".join(f"-{k}{v}" for k, v in self.args.items())
+        label = normalize_name(self.name) + "".join(f"-{k}{v}" for k, v in self.args.items())
         return re.sub(r"[^A-Za-z0-9_.-]", "", label)
 
 
