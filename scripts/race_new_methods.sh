@@ -14,7 +14,7 @@
 #   PEFT=lora DEVICE=cuda JOBS=8 RUNS=runs/race13-lora scripts/race_new_methods.sh
 set -euo pipefail
 RUNS=${RUNS:-runs/race13}
-ZOTUNE=${ZOTUNE:-zotune}
+read -ra ZOTUNE <<< "${ZOTUNE:-zotune}"  # a command of several words, e.g. "python3 -m zotune"
 PEFT=${PEFT:-top:2}
 JOBS=${JOBS:-2}
 export HF_HUB_OFFLINE=1
@@ -33,8 +33,8 @@ if [ "$PEFT" = "top:2" ]; then  # the grids of the run reported in docs/race.md
 else
   PROBE=(--lr "*=${PROBE_LR:-x10,x100,x1000}")
 fi
-"$ZOTUNE" race --tasks sst2 --seeds 13 --forwards 200 --eval-every 0 "${COMMON[@]}" --optimizers "$METHODS" \
+"${ZOTUNE[@]}" race --tasks sst2 --seeds 13 --forwards 200 --eval-every 0 "${COMMON[@]}" --optimizers "$METHODS" \
   "${PROBE[@]}" --output-dir "$RUNS/probe"
 
-"$ZOTUNE" race --tasks sst2,rte --seeds 13,21,42 --forwards 200 --eval-every-forwards 40 --baselines zeroshot \
+"${ZOTUNE[@]}" race --tasks sst2,rte --seeds 13,21,42 --forwards 200 --eval-every-forwards 40 --baselines zeroshot \
   "${COMMON[@]}" --optimizers "$MAIN" --lr-from "$RUNS/probe" --output-dir "$RUNS/main"
