@@ -193,6 +193,16 @@ def test_warming_fills_every_training_row_before_the_clock_and_changes_nothing(t
     assert results["after"] == cold_results["after"]
 
 
+def test_no_warming_under_a_time_budget(tmp_path):
+    # --max-seconds: the rows the run will reach are unknown, so nothing is run ahead of the steps
+    tok = tiny_tokenizer()
+    model = apply_peft(tiny_causal_lm("llama", vocab_size=len(tok), num_layers=3), "top:1")
+    config = TrainConfig(task="sst2", steps=2, batch_size=4, max_train=20, max_dev=4, max_test=4, eval_every=0,
+                         eval_batch_size=4, progress=False, lr=1e-2, eps=1e-2, peft="top:1", max_seconds=3600,
+                         output_dir=str(tmp_path / "t"))
+    assert train(config, model=model, tokenizer=tok)["warm_seconds"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------
 # memory bound, invalidation, refusals
 # ------------------------------------------------------------------------------------------

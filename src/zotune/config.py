@@ -217,7 +217,7 @@ class ModelArgs(ConfigGroup):
                                      "off", min=0)
     cache_warm: bool = option(True, "with the activation cache on, run the frozen bottom over the training "
                                     "rows before the first step, so step times measure steps, not the cache "
-                                    "filling")
+                                    "filling (not under a --max-seconds budget alone: its rows are unknown)")
     offload: str = option("none", "where the decoder blocks live: none (on --device), or cpu: in pinned CPU "
                                   "memory, streamed through the GPU one block at a time, for models larger "
                                   "than GPU memory (zosgd, zo-momentum, zo-sign, zo-adam, helene; one process; "

@@ -466,6 +466,8 @@ def warm_cache(run: Run) -> None:
     config, loop, dist = run.config, run.loop, run.plan.dist
     if run.cache is None or not config.cache_warm or loop["step"] >= config.steps:
         return
+    if config.max_seconds and not config.max_forwards:  # which rows a time budget reaches is unknown
+        return
     last = config.steps
     if config.max_forwards:  # a forwards budget ends the run before config.steps: warm only what it reads
         per_step = float(getattr(run.optimizer, "forwards_per_step", 2) or 2)
