@@ -21,6 +21,10 @@ examples:
   zotune race --config race.yaml --output-dir runs/race --jobs 2
   zotune race --tasks sst2,rte --optimizers zosgd,hizoo --seeds 13,42 --steps 100 --eval-every 20 \\
               --lr zosgd=1e-2,3e-2 --set batch_size=8 --output-dir runs/race
+  zotune race --tasks sst2 --seeds 13 --peft lora,full --optimizers zosgd,zoadam --forwards 200 \
+              --lr '*=x10,x100,x1000' --output-dir runs/probe    # 10-1000x each mode's default lr
+  zotune race --tasks sst2,rte --seeds 13,21,42 --peft lora,full --optimizers zosgd,zoadam --forwards 200 \
+              --lr-from runs/probe --output-dir runs/race        # each at the lr the probe chose on dev
   zotune race --suite superglue-1k --budget-preset full --optimizers zosgd,hizoo --output-dir runs/sg \\
               --print-commands > cells.sh        # one command per cell, for a job array
   zotune race --collect runs/sg                  # the report from finished directories
