@@ -488,9 +488,10 @@ def warm_cache(run: Run) -> None:
                 break  # beyond --cache-mb and no store: the steps will recompute these rows anyway
             if len(seen) == n_train:
                 break
-    loop["warm_seconds"] = loop.get("warm_seconds", 0.0) + time.perf_counter() - t0  # older checkpoints lack it
+    seconds = time.perf_counter() - t0
+    loop["warm_seconds"] += seconds
     run.say(f"zotune: activation cache: {len(seen):,} training rows through the frozen bottom before the first "
-            f"step ({time.perf_counter() - t0:.1f} s, not counted in the step times)")
+            f"step ({seconds:.1f} s, not counted in the step times)")
 
 
 def run_steps(run: Run) -> None:
@@ -598,7 +599,7 @@ def finish_run(run: Run) -> dict[str, Any]:
         "after": final,
         "seconds_per_step": float(np.median(run.step_times)) if run.step_times else None,
         "train_seconds": loop["train_seconds"],
-        "warm_seconds": loop.get("warm_seconds", 0.0),
+        "warm_seconds": loop["warm_seconds"],
         "wall_clock_s": time.time() - plan.wall_start,
         "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
         "data_parallel": plan.resolved["data_parallel"],

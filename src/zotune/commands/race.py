@@ -86,8 +86,8 @@ def spec_from_args(args: argparse.Namespace):
         if "=" not in item:
             raise UserError(f"--lr expects OPTIMIZER=LR[,LR...], got {item!r}")
         name, values = item.rsplit("=", 1)  # the name may be a variant: zosgd:layer_fraction=0.5=1e-4
-        try:  # xF: F times the optimizer's default lr for the cell's mode
-            lr[name.strip()] = [v.strip() if v.strip().lower().startswith("x") and float(v.strip()[1:]) else float(v)
+        try:  # xF (F times the mode's default lr) stays a string: the grid's check reads it
+            lr[name.strip()] = [v.strip() if v.strip().lower().startswith("x") else float(v)
                                 for v in values.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--lr {item!r}: learning rates must be numbers, or xF for F times the mode's "

@@ -324,7 +324,8 @@ def _check_lr_grid(name: str, grid: Any) -> None:
         try:
             bad = [v for v in values if not _lr_value(v, 1.0) > 0]
         except (TypeError, ValueError):
-            raise UserError(f"{where}: learning rates must be numbers, got {lrs!r}") from None
+            raise UserError(f"{where}: learning rates must be numbers, or xF for F times the mode's default lr, "
+                            f"got {lrs!r}") from None
         if not values or bad:
             raise UserError(f"{where}: the lr grid needs at least one learning rate > 0, got {lrs!r}")
 
