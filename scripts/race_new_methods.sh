@@ -22,14 +22,13 @@ COMMON=(--peft "$PEFT" --set k=500 --set max_train=500 --set max_dev=200 --set m
         --set batch_size=16 --set "cache_dir=$RUNS/activations" --threads "${THREADS:-1}" --jobs "$JOBS")
 if [ -n "${DEVICE:-}" ]; then COMMON+=(--set "device=$DEVICE"); fi
 METHODS=zosgd,zoadam,fzoo,sparse-mezo,dizo,lozo,lozo-m,subzero,zo-muon,zosgd:layer_fraction=0.34
-# the race reported in docs/race.md left LeZO (probe only: 3 layer units under top:2) out of step 2
-MAIN=${MAIN:-zosgd,zoadam,fzoo,sparse-mezo,dizo,lozo,lozo-m,subzero,zo-muon}
+MAIN=${MAIN:-$METHODS}
 
-if [ "$PEFT" = "top:2" ]; then  # the grids of the run reported in docs/race.md
+if [ "$PEFT" = "top:2" ]; then  # the grids reported in docs/race.md (both sessions' probes)
   PROBE=(--lr zosgd=3e-5,1e-4,3e-4,1e-3,3e-3 --lr zoadam=1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 \
   --lr fzoo=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --lr sparse-mezo=1e-4,3e-4,1e-3,3e-3 --lr dizo=1e-4,3e-4,1e-3,3e-3 \
-  --lr lozo=3e-4,1e-3,3e-3 --lr lozo-m=1e-4,3e-4,1e-3,3e-3,1e-2 --lr subzero=3e-4,1e-3,3e-3 \
-  --lr zo-muon=1e-3,3e-3,1e-2,3e-2,1e-1 --lr zosgd:layer_fraction=0.34=3e-4,1e-3,3e-3)
+  --lr lozo=3e-4,1e-3,3e-3 --lr lozo-m=3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --lr subzero=3e-4,1e-3,3e-3 \
+  --lr zo-muon=1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1,3 --lr zosgd:layer_fraction=0.34=3e-4,1e-3,3e-3)
 else
   PROBE=(--lr "*=${PROBE_LR:-x10,x100,x1000}")
 fi
