@@ -255,6 +255,12 @@ def test_lr_from_a_probe_per_optimizer_and_mode(tmp_path, capsys):
                            ("lora", "zoadam", "0.007"), ("full", "zoadam", "0.007")]])
     assert main([*race, "--optimizers", "zosgd:layer_fraction=0.5", "--peft", "lora"]) == 0
     assert "--lr 0.002" in capsys.readouterr().out
+    # the probe's evidence travels with the spec (race.json) for the rows it chose, not for --lr's
+    from zotune.cli import build_parser
+    from zotune.commands.race import spec_from_args
+
+    args = build_parser().parse_args([*race, "--optimizers", "zosgd,zoadam", "--peft", "lora", "--lr", "zoadam=7e-3"])
+    assert set(spec_from_args(args).lr_probe) == {"ZOSGD|lora"}
     (probe / "summary.json").write_text(json.dumps({"rows": [*rows, row("ZOSGD", "lora", 1e-2, task="rte")]}))
     for extra, message in [(["--optimizers", "zosgd", "--peft", "lora"], "different lrs for ZOSGD (lora)"),
                            (["--optimizers", "fzoo", "--peft", "lora"], "no FZOO row in mode lora")]:
@@ -312,6 +318,47 @@ def test_lr_is_chosen_by_dev_never_by_test():
     middle = cells + [fake_cell(1.0, s, 0.7, 0.95) for s in (1, 2)]
     row = summarize(middle)["rows"][0]
     assert row["lr"] == 0.1 and row["lr_edge"] is False
+
+
+def test_a_race_at_the_probes_lr_takes_the_grid_edge_from_the_probe():
+    # raced at one lr (--lr-from), the race alone cannot tell an edge: the probe's grid decides
+    cells = [fake_cell(0.1, s, 0.8, 0.5) for s in (1, 2)]
+    assert summarize(cells)["rows"][0]["lr_edge"] is False  # a grid of one is no edge by itself
+    for edge in (True, False):
+        probe = {"ZOSGD|final_norm": {"source": "probe", "task": "sst2", "seeds": 1, "lr_edge": edge,
+                                      "dev_by_lr": {"0.01": 0.6, "0.1": 0.7} if edge else {"0.01": 0.6, "0.1": 0.7,
+                                                                                           "1": 0.65}}}
+        summary = summarize(cells, lr_probe=probe)
+        row = summary["rows"][0]
+        assert row["lr_edge"] is edge and row["lr_probe"] == probe["ZOSGD|final_norm"]
+        table = markdown(summary, cells)
+        assert "probe on sst2, 1 seed: 0.01: 0.600, 0.1: 0.700" in table
+        assert ("**(grid edge)**" in table) is edge
+    # another method's or mode's probe, or a race with its own grid of several lrs, is not used
+    other = {"HiZOO|final_norm": {"source": "p", "task": "sst2", "seeds": 1, "lr_edge": True, "dev_by_lr": {}},
+             "ZOSGD|lora": {"source": "p", "task": "sst2", "seeds": 1, "lr_edge": True, "dev_by_lr": {}}}
+    assert summarize(cells, lr_probe=other)["rows"][0]["lr_edge"] is False
+    grid = cells + [fake_cell(lr, s, 0.7, 0.9) for lr in (0.01, 1.0) for s in (1, 2)]
+    row = summarize(grid, lr_probe={"ZOSGD|final_norm": {**other["ZOSGD|lora"]}})["rows"][0]
+    assert row["lr_edge"] is False and row["lr_probe"] is None
+
+
+def test_collect_of_a_races_parent_reads_each_races_probe(tmp_path):
+    # --collect of the folder above a race still knows the lrs it raced came from a probe
+    from zotune.race.report import write_report
+
+    race = tmp_path / "runs" / "race"
+    probe = {"ZOSGD|final_norm": {"source": "probe", "task": "sst2", "seeds": 1, "lr_edge": True,
+                                  "dev_by_lr": {"0.01": 0.6, "0.1": 0.7}}}
+    (race / "cells").mkdir(parents=True)
+    (race / "race.json").write_text(json.dumps({"spec": {"lr_probe": probe}, "cells": ["c1"]}))
+    (race / "cells" / "c1").mkdir()
+    (race / "cells" / "c1" / "results.json").write_text(json.dumps({
+        "task": "sst2", "optimizer": "ZOSGD", "peft": "final_norm", "steps": 10, "forwards": 20,
+        "config": {"steps": 10, "lr": 0.1, "seed": 1}, "after": {"dev": {"accuracy": 0.8}, "test": {"accuracy": 0.5}}}))
+    for root in (race, tmp_path / "runs"):
+        row = write_report(root, tmp_path / "report")["rows"][0]
+        assert row["lr_edge"] is True and row["lr_probe"]["dev_by_lr"] == {"0.01": 0.6, "0.1": 0.7}
 
 
 def test_time_to_target_including_not_reached():

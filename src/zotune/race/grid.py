@@ -87,6 +87,9 @@ class RaceSpec:
     train: dict[str, Any] = field(default_factory=dict)
     suite: str | None = None
     budget_preset: str | None = None
+    #: set by ``--lr-from``: per ``"method|mode"`` the probe's dev by lr and grid-edge flag, so the
+    #: report judges a chosen lr by the grid it was chosen from (the race holds only the winner)
+    lr_probe: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def lr_grid(self, optimizer_cls: type, peft: str, variant: str | None = None) -> list[float]:
         """The lr grid of one optimizer x mode: the race's own (``lr:``, for the ``variant`` spec
@@ -165,12 +168,13 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[-_ ]", "", str(name).lower())
 
 
-def lrs_from_probe(spec: RaceSpec, source: Path) -> dict[str, dict[str, list[float]]]:
+def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
     """The lr an earlier race (a probe) chose on dev for each of ``spec``'s optimizers and modes,
-    as a grid of one: ``{optimizer spec: {mode: [lr]}}``. ``source`` is that race's directory or
-    its summary.json. A method the probe chose different lrs for on different tasks is refused
-    (race those tasks separately); a probe on one task gives its lr to every task (MeZO's
-    protocol tunes on one)."""
+    as a grid of one: ``{optimizer spec: {mode: [lr]}}``, and the probe's evidence per
+    ``"method|mode"`` (``source``, ``dev_by_lr``, ``lr_edge``, ``seeds``: for :attr:`RaceSpec.lr_probe`).
+    ``source`` is that race's directory or its summary.json. A method the probe chose different lrs
+    for on different tasks is refused (race those tasks separately); a probe on one task gives its
+    lr to every task (MeZO's protocol tunes on one)."""
     import json
 
     from zotune.race.report import optimizer_label
@@ -183,12 +187,14 @@ def lrs_from_probe(spec: RaceSpec, source: Path) -> dict[str, dict[str, list[flo
                         "writes it)") from None
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UserError(f"--lr-from {path}: not a race summary ({e})") from None
-    out: dict[str, dict[str, list[float]]] = {}
+    lrs_out: dict[str, dict[str, list[float]]] = {}
+    evidence: dict[str, dict[str, Any]] = {}
     for name in spec.optimizers:
         entry = optimizer_entry(name)
         label = optimizer_label(entry.cls.__name__, entry.args)
         for mode in spec.peft:
-            chosen = {(r["task"], float(r["lr"])) for r in rows if r["method"] == label and r["peft"] == mode}
+            matching = [r for r in rows if r["method"] == label and r["peft"] == mode]
+            chosen = {(r["task"], float(r["lr"])) for r in matching}
             lrs = sorted({lr for _, lr in chosen})
             if not lrs:
                 raise UserError(f"--lr-from {path}: the probe has no {label} row in mode {mode}; give its grid "
@@ -197,8 +203,12 @@ def lrs_from_probe(spec: RaceSpec, source: Path) -> dict[str, dict[str, list[flo
                 raise UserError(f"--lr-from {path}: the probe chose different lrs for {label} ({mode}) on its "
                                 f"tasks: {', '.join(f'{t} {lr:g}' for t, lr in sorted(chosen))}; race the tasks "
                                 "separately")
-            out.setdefault(name, {})[mode] = lrs
-    return out
+            lrs_out.setdefault(name, {})[mode] = lrs
+            first = matching[0]
+            evidence[f"{label}|{mode}"] = {"source": str(source), "task": first["task"],
+                                           "dev_by_lr": first.get("dev_by_lr", {}),
+                                           "lr_edge": bool(first.get("lr_edge", False)), "seeds": first.get("seeds")}
+    return lrs_out, evidence
 
 
 def parse_optimizer_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -127,8 +127,13 @@ def time_to_target(evals: list[dict[str, Any]], target: float) -> tuple[float, i
     return None
 
 
-def summarize(cells: list[dict[str, Any]], target: str | float = "zosgd") -> dict[str, Any]:
-    """The race table: one row per task x method (chosen lr for optimizers), plus targets."""
+def summarize(cells: list[dict[str, Any]], target: str | float = "zosgd",
+              lr_probe: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The race table: one row per task x method (chosen lr for optimizers), plus targets.
+
+    ``lr_probe`` (race.json's ``spec.lr_probe``, from ``--lr-from``): per ``"method|mode"`` the
+    probe's dev by lr; a row raced at the probe's lr alone takes its grid-edge flag from the probe.
+    """
     from zotune.train import resolve_optimizer
 
     target_cls = None if isinstance(target, (int, float)) else resolve_optimizer(str(target)).__name__
@@ -137,16 +142,21 @@ def summarize(cells: list[dict[str, Any]], target: str | float = "zosgd") -> dic
         groups[(c["task"], c["peft"], c["optimizer"])].append(c)
     rows, chosen_runs = [], {}
     for key, runs in sorted(groups.items()):
+        probe = (lr_probe or {}).get(f"{key[2]}|{key[1]}")
         if runs[0]["kind"] == "train":
             lr, edge, dev_by_lr = choose_lr(runs)
             runs = [r for r in runs if float(r["lr"]) == lr]
+            if probe is not None and len(dev_by_lr) == 1:  # one lr here: the probe's grid says if it is an edge
+                edge = probe["lr_edge"]
+            else:
+                probe = None
         else:
-            lr, edge, dev_by_lr = None, False, {}
+            lr, edge, dev_by_lr, probe = None, False, {}, None
         chosen_runs[key] = runs
         dev, dev_std, n = _mean_std(r["dev"] for r in runs)
         test, test_std, _ = _mean_std(r["test"] for r in runs)
         rows.append({"task": key[0], "peft": key[1], "method": key[2], "kind": runs[0]["kind"], "lr": lr,
-                     "lr_edge": edge, "dev_by_lr": {f"{k:g}": v for k, v in dev_by_lr.items()},
+                     "lr_edge": edge, "dev_by_lr": {f"{k:g}": v for k, v in dev_by_lr.items()}, "lr_probe": probe,
                      "seeds": n, "dev_mean": dev, "dev_std": dev_std, "test_mean": test, "test_std": test_std,
                      "forwards_mean": _mean_std(r["forwards"] for r in runs)[0],
                      "train_seconds_mean": _mean_std(r["train_seconds"] for r in runs)[0],
@@ -220,6 +230,11 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
             lr = "—"
             if r["lr"] is not None:
                 grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["dev_by_lr"].items())
+                if r.get("lr_probe"):
+                    p = r["lr_probe"]
+                    seeds = f", {p['seeds']} seed{'s' if p['seeds'] != 1 else ''}" if p.get("seeds") else ""
+                    grid += (f"; probe on {p['task']}{seeds}: "
+                             + ", ".join(f"{k}: {v:.3f}" for k, v in p["dev_by_lr"].items()))
                 lr = f"{r['lr']:g}{' **(grid edge)**' if r['lr_edge'] else ''} ({grid})"
             reached, to_s, to_f = "—", "—", "—"
             if r["kind"] == "train" and r.get("target") is not None:
@@ -279,7 +294,13 @@ def write_report(root: Path, output: Path | None = None, target: str | float | N
     cpu = cell_cpu_seconds(root)
     for c in cells:
         c["cpu_seconds"] = cpu.get(c["name"])
-    summary = summarize(cells, target)
+    lr_probe: dict[str, Any] = {}  # every race's under root (--collect of several races' parent)
+    for path in sorted(root.rglob("race.json")):
+        try:
+            lr_probe.update(json.loads(path.read_text()).get("spec", {}).get("lr_probe") or {})
+        except (OSError, ValueError):
+            continue
+    summary = summarize(cells, target, lr_probe)
     if cpu:
         summary["cpu_seconds_total"] = sum(cpu.values())
     try:
