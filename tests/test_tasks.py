@@ -34,7 +34,7 @@ from zotune.tasks import (
 from zotune.tasks import data_files as data_files_module
 from zotune.tasks.base import MASK
 from zotune.tasks.registry import SPECS
-from zotune.tasks.scoring import TaskScorer
+from zotune.tasks.scoring import TaskScorer, head_rows
 from zotune.tasks.templates import TEMPLATES
 
 BUILTIN = [name for name in SPECS if name != "drop"]
@@ -409,6 +409,38 @@ def test_label_word_ce_matches_naive_full_logits(tasks, tokenizer, model, name):
         loss = loss_fn(batch)
     assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
     torch.testing.assert_close(loss, naive_label_word_ce(model, tokenizer, batch), atol=1e-5, rtol=0)
+
+
+def test_label_word_path_multiplies_only_the_label_rows_of_the_head(tasks, tokenizer, model):
+    # the head computes K logits, not the vocabulary's, and they equal the full head's label columns,
+    # also for a perturbed trainable head; afterwards the head is the model's own again
+    task = tasks["sst2"]
+    scorer = TaskScorer(model, tokenizer, task)
+    head = model.get_output_embeddings()
+    widths: list[int] = []
+    hook = head.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[-1]))
+    weight = head.weight.detach().clone()  # the model is shared by the module's tests
+    try:
+        with torch.no_grad():
+            fast = scorer.label_word_logits(task.train)
+            assert widths == [len(scorer.label_token_ids)] and "forward" not in vars(head)
+            head.forward = lambda x: torch.nn.functional.linear(x, head.weight, head.bias)  # someone else's patch
+            with head_rows(model, scorer.label_token_ids) as used:
+                assert used is False  # left alone: it falls back to the full head
+            full = scorer.label_word_logits(task.train)
+            assert widths[-1] == model.config.vocab_size
+            del head.forward
+            torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+            head.weight.add_(0.5 * torch.randn_like(head.weight))  # a perturbed (or tied) head is read each time
+            perturbed = scorer.label_word_logits(task.train)
+            assert (perturbed - fast).abs().max() > 1e-3
+            with head_rows(model, [0]), pytest.raises(RuntimeError):
+                raise RuntimeError("inside")
+            assert "forward" not in vars(head)  # restored after an exception too
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            head.weight.copy_(weight)
 
 
 @pytest.mark.parametrize("max_length", [None, 12])
