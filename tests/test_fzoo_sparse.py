@@ -104,6 +104,26 @@ def test_sparse_mezo_expected_update_is_the_masked_gradient():
     assert float(mean[(mask == 0) & compared].abs().max()) == 0.0
 
 
+def test_sparse_mezo_keeps_moving_a_zero_initialised_tensor():
+    # LoRA's B starts at zero: a threshold of 0 would let every weight leave the mask at its
+    # first update and freeze the tensor; with no magnitudes to select by, it is perturbed whole
+    b = torch.nn.Parameter(torch.zeros(12, dtype=torch.float64))
+    half = torch.nn.Parameter(torch.cat([torch.zeros(8), torch.linspace(1, 2, 4)]).double())
+    g = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    opt = zo.SparseMeZO([b, half], lr=1e-2, eps=1e-3, sparsity=0.5, seed=0)
+    opt.step(lambda: (g * b).sum() + (g * half).sum())
+    after_first = [b.detach().clone(), half.detach().clone()]
+    for _ in range(3):
+        opt.step(lambda: (g * b).sum() + (g * half).sum())
+    assert (b.detach() != after_first[0]).all()  # still moving after the first update
+    assert (half.detach() != after_first[1]).all()  # 8 of 12 zeros: no magnitudes either
+    assert torch.isinf(opt.state[b]["threshold"]) and torch.isinf(opt.state[half]["threshold"])
+    x = spread_weights()  # a tensor with magnitudes keeps its finite quantile
+    opt = zo.SparseMeZO([x], lr=1e-3, sparsity=0.75)
+    opt.step(lambda: x.sum())
+    assert float(opt.state[x]["threshold"]) == pytest.approx(1.0)
+
+
 def test_sparse_mezo_masks_are_dropped_after_each_step_and_sparsity_is_checked():
     x = spread_weights()
     opt = zo.SparseMeZO([x], lr=1e-3, sparsity=0.5)

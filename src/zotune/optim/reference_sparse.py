@@ -33,10 +33,11 @@ class RefFZOO(ReferenceZO):
 
 
 def _threshold(param: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The k-th smallest |theta| (by a full sort), k = max(1, round((1 - sparsity) n))."""
+    """The k-th smallest |theta| (by a full sort), k = max(1, round((1 - sparsity) n)); 0 means
+    no magnitudes to select by (a zero-initialised tensor): +inf, every weight."""
     ordered = torch.sort(param.detach().abs().flatten()).values
     k = min(ordered.numel(), max(1, math.floor((1.0 - sparsity) * ordered.numel() + 0.5)))
-    return ordered[k - 1]
+    return ordered[k - 1] if ordered[k - 1] > 0 else torch.tensor(math.inf, dtype=ordered.dtype)
 
 
 class RefSparseMeZO(ReferenceZO):

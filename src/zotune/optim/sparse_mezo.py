@@ -1,8 +1,9 @@
 """Sparse-MeZO (Liu et al., arXiv 2402.15751): ZO-SGD on the small-magnitude weights only.
 
 Per tensor a threshold h is fixed at the first step: the k-th smallest |theta| with
-k = round((1 - sparsity) n). Every step perturbs and updates only the weights at or below it,
-with the mask taken from the current (unperturbed) weights:
+k = round((1 - sparsity) n) (a tensor whose threshold is 0, such as LoRA's zero-initialised B, is
+perturbed whole). Every step perturbs and updates only the weights at or below it, with the mask
+taken from the current (unperturbed) weights:
 
     u = 1[|theta| <= h] * z,  c = (L(theta + eps u) - L(theta - eps u)) / (2 eps)
     theta <- theta - lr c u
@@ -24,10 +25,13 @@ from zotune.optim.engine import Block, Closure, Noises, ZOOptimizer, check_range
 
 def magnitude_threshold(param: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The k-th smallest |theta| of a tensor, k = max(1, round((1 - sparsity) n)): the weights at
-    or below it are the ones Sparse-MeZO perturbs (ties may add a few)."""
+    or below it are the ones Sparse-MeZO perturbs (ties may add a few). A threshold of 0 (at least
+    k zeros, e.g. LoRA's zero-initialised B) is +inf, the whole tensor: with h = 0 its weights
+    would leave the mask at their first update and never move again."""
     flat = param.detach().abs().flatten()
     k = min(flat.numel(), max(1, math.floor((1.0 - sparsity) * flat.numel() + 0.5)))
-    return flat.kthvalue(k).values
+    h = flat.kthvalue(k).values
+    return torch.full_like(h, math.inf) if h == 0 else h
 
 
 class SparseMeZO(ZOOptimizer):
