@@ -36,6 +36,7 @@ from zotune.tasks.base import MASK
 from zotune.tasks.registry import SPECS
 from zotune.tasks.scoring import TaskScorer, head_rows
 from zotune.tasks.templates import TEMPLATES
+from zotune.testing import CAUSAL_ARCHS, tiny_causal_lm, tiny_tokenizer
 
 BUILTIN = [name for name in SPECS if name != "drop"]
 LMBFF_TASKS = ["sst2", "sst5", "trec", "snli", "mnli", "rte"]
@@ -441,6 +442,30 @@ def test_label_word_path_multiplies_only_the_label_rows_of_the_head(tasks, token
         hook.remove()
         with torch.no_grad():
             head.weight.copy_(weight)
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_rows_head_equals_the_whole_head_on_every_architecture(arch, dtype):
+    # whatever each model does after its head (Gemma's logit softcapping, OPT's projection, ...)
+    # acts elementwise, so the label rows give the whole head's label columns
+    task = get_task("sst2", max_train=6)
+    tok = tiny_tokenizer(["terrible", "great"])
+    model = tiny_causal_lm(arch, vocab_size=len(tok), dtype=dtype)
+    scorer = TaskScorer(model, tok, task)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        with head_rows(model, scorer.label_token_ids) as used:
+            assert used is True
+        rows = scorer.label_word_logits(task.train)
+        head.forward = lambda x: torch.nn.functional.linear(x, head.weight, head.bias)  # the whole head
+        try:
+            whole = scorer.label_word_logits(task.train)
+        finally:
+            del head.forward
+    assert rows.dtype == torch.float32 and rows.shape == (6, 2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(rows, whole, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("max_length", [None, 12])
