@@ -301,3 +301,19 @@ def test_layer_fraction_matches_reference_and_leaves_other_layers_alone(name):
         assert len(changed) <= 2, changed
         touched |= changed
     assert len(touched) >= 3, "six steps should have reached most layers"
+
+
+def test_block_size_defaults_to_the_noise_devices():
+    # a block costs a fixed launch overhead on CUDA, so noise generated there uses larger blocks;
+    # noise generated on the CPU (also for CUDA weights, noise_device="cpu") keeps the CPU contract
+    from zotune.optim.noise import CUDA_BLOCK_SIZE, DEFAULT_BLOCK_SIZE, default_block_size
+
+    assert default_block_size("cpu") == DEFAULT_BLOCK_SIZE and default_block_size("cuda:1") == CUDA_BLOCK_SIZE
+    w = torch.nn.Parameter(torch.zeros(4))
+    assert zo.ZOSGD([w]).block_size == DEFAULT_BLOCK_SIZE
+    assert zo.ZOSGD([w], noise_device="cuda").block_size == CUDA_BLOCK_SIZE  # no noise is drawn here
+    assert zo.ZOSGD([w], noise_device="cuda", block_size=64).block_size == 64
+    saved = zo.ZOSGD([w], noise_device="cuda").state_dict()
+    restored = zo.ZOSGD([w])
+    restored.load_state_dict(saved)
+    assert restored.block_size == CUDA_BLOCK_SIZE  # part of the state: a resumed run keeps its blocks

@@ -88,6 +88,12 @@ def test_replay_refuses_another_base_model_and_other_noise(tmp_path):
     with pytest.raises(UserError, match="noise differs"):
         zotraj.check_noise({**header, "noise": "0" * 16, "zotune": "0.0.1"}, run_dir)
     zotraj.check_noise(header, run_dir)  # this version's own file passes
+    # the header carries the block size the run resolved (CUDA's default differs from the CPU's)
+    from zotune.optim.noise import DEFAULT_BLOCK_SIZE
+
+    assert header["block_size"] == DEFAULT_BLOCK_SIZE
+    with pytest.raises(UserError, match="noise differs"):
+        zotraj.check_noise({**header, "block_size": 1 << 22}, run_dir)
 
 
 def test_torn_trajectory_record_is_ignored_and_cut_keeps_earlier_steps(tmp_path):

@@ -72,6 +72,7 @@ def make_header(model: torch.nn.Module, optimizer, optimizer_kwargs: dict[str, A
     device = next((p.device.type for p in model.parameters() if p.requires_grad), "cpu")
     return {"format": FORMAT, "zotune": __version__,
             "noise": noise_fingerprint(optimizer.distribution, optimizer.block_size),
+            "block_size": optimizer.block_size,
             "noise_device": str(optimizer.noise_device.type if optimizer.noise_device else device),
             "base": model_fingerprint(model), "optimizer": type(optimizer).__name__,
             "optimizer_kwargs": json.loads(json.dumps(optimizer_kwargs)),
@@ -197,7 +198,8 @@ def check_noise(header: dict[str, Any], path: Path) -> None:
     from zotune import __version__
 
     kwargs = header.get("optimizer_kwargs", {})
-    mine = noise_fingerprint(kwargs.get("distribution", "gaussian"), kwargs.get("block_size", _block_size()))
+    block_size = header.get("block_size", kwargs.get("block_size", _block_size()))  # older files: the CPU default
+    mine = noise_fingerprint(kwargs.get("distribution", "gaussian"), block_size)
     if header.get("noise") != mine:
         raise UserError(f"{path} was written by zotune {header.get('zotune')}, whose perturbation noise differs "
                         f"from this zotune {__version__}'s; replay it with zotune {header.get('zotune')}")
@@ -218,7 +220,8 @@ def replay(path: Path, header: dict[str, Any], records: list[StepRecord], model:
         raise UserError(f"{path} was made for another base model (fingerprint {header['base']}, this one "
                         f"{found}); pass the base model the run started from with --model")
     # lazy: the same arithmetic as the eager run (bit-identical), one pass per step fewer
-    optimizer = zo.get(header["optimizer"])(model, **{**header["optimizer_kwargs"], "lazy_update": True})
+    sizes = {"block_size": header["block_size"]} if "block_size" in header else {}  # as the run resolved it
+    optimizer = zo.get(header["optimizer"])(model, **{**header["optimizer_kwargs"], **sizes, "lazy_update": True})
     device = next((p.device.type for p in model.parameters() if p.requires_grad), "cpu")
     device = optimizer.noise_device.type if optimizer.noise_device is not None else device
     if header.get("noise_device", "cpu") != device:  # CUDA's Philox stream is not the CPU's
