@@ -69,7 +69,7 @@ class Block:
     def __init__(self, slot: _Slot, r0: int, r1: int, group: dict, state: dict):
         self.slot, self.r0, self.r1, self.group, self.state = slot, r0, r1, group, state
         target = slot.master if slot.master is not None else slot.data
-        self.param = target[r0:r1]
+        self.param = target if r0 == 0 and r1 == target.shape[0] else target[r0:r1]  # a slice costs us per block
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The rows of this block in a tensor with the parameter's (local) shape."""

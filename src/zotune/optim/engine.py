@@ -484,11 +484,10 @@ class ZOOptimizer(BlockSweep, torch.optim.Optimizer):
             if coefs[gi] == 0.0:
                 return
             u = self.direction_for(block, noises[0], seed)
-            rows = block.slot.data[block.r0 : block.r1]
             if block.slot.master is None:
-                rows.add_(u, alpha=coefs[gi])
+                block.param.add_(u, alpha=coefs[gi])  # block.param is the block's rows of the weight itself
             else:
-                rows.copy_(torch.add(block.param, u, alpha=after[gi]))
+                block.slot.data[block.r0 : block.r1].copy_(torch.add(block.param, u, alpha=after[gi]))
 
         self._sweep([seed], kernel)
         self._pending[seed] = after

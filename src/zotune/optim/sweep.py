@@ -111,6 +111,19 @@ class BlockSweep:
                 items.append((slot, j, r0 - lo, r1 - lo, r0 - b0, r1 - b0))
         return items
 
+    def _pass_plan(self, wanted: set[int]) -> tuple[list[tuple[_Slot, int, int, int, int, int]], dict[int, int], int]:
+        """(work items, noise streams per slot, largest block) of a pass over the slots ``wanted``;
+        kept while the slots are (a GPU pass would otherwise rebuild them for every block's few us)."""
+        key = (id(self._slots), frozenset(wanted))
+        cache = getattr(self, "_plan_cache", None)
+        if cache is None or cache[0] != key or cache[1] is not self._slots:
+            slots = [s for s in self._slots or [] if s.index in wanted]
+            streams_of = {slot.index: self.slot_noise_streams(slot.param) for slot in self._slots or []}
+            max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []),
+                            default=1)
+            cache = self._plan_cache = (key, self._slots, (self._work_items(slots), streams_of, max_block))
+        return cache[2]
+
     def _threads(self) -> int:
         """Worker threads of a CPU sweep: 1 on GPUs and for small models, else min(4, torch's threads, cores).
 
@@ -142,12 +155,9 @@ class BlockSweep:
         """
         members = [{s.index for s in part.slots} for part in parts]
         wanted = set().union(*members)
-        slots = [s for s in self._slots or [] if s.index in wanted]
-        items = self._work_items(slots)
+        items, streams_of, max_block = self._pass_plan(wanted)
         self.pass_counts["passes"] += 1
         nthreads = min(self._threads(), max(1, len(items)))
-        streams_of = {slot.index: self.slot_noise_streams(slot.param) for slot in self._slots or []}
-        max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []), default=1)
 
         def run(worker: int) -> None:
             with torch.no_grad():  # grad mode is per thread: a worker does not inherit the caller's no_grad
@@ -155,20 +165,26 @@ class BlockSweep:
 
         def work(worker: int) -> None:
             buffers: dict[tuple[str, int], torch.Tensor] = {}  # shared by the parts: one runs after the other
+            # (device, buffer k, block shape) -> the buffer viewed as that block: most blocks of a
+            # model share a few shapes, and a view costs microseconds, which a GPU pass pays per block
+            views: dict[tuple[str, int, tuple[int, int]], torch.Tensor] = {}
 
-            def buffer(device: torch.device, k: int) -> torch.Tensor:
-                key = (str(device), k)
-                if key not in buffers:
-                    buffers[key] = torch.empty(max_block, dtype=torch.float32, device=device)
-                return buffers[key]
+            def view(device: torch.device, k: int, shape: tuple[int, int]) -> torch.Tensor:
+                key = (str(device), k, shape)
+                z = views.get(key)
+                if z is None:
+                    if (key[0], k) not in buffers:
+                        buffers[key[0], k] = torch.empty(max_block, dtype=torch.float32, device=device)
+                    z = views[key] = buffers[key[0], k][: shape[0] * shape[1]].view(shape)
+                return z
 
             for slot, j, r0, r1, n0, n1 in items[worker::nthreads]:
                 b0, b1 = slot.layout.block_rows(j)
                 shape = (b1 - b0, slot.layout.row_len)
-                count = shape[0] * shape[1]
                 device = slot.data.device
                 gen_device = self.noise_device or device
                 streams = streams_of[slot.index]
+                whole = n0 == 0 and n1 == shape[0]  # a shard's block may own only some of the rows
                 for pi, part in enumerate(parts):
                     if slot.index not in members[pi]:
                         continue
@@ -177,11 +193,11 @@ class BlockSweep:
                         streams_z = []
                         for t in range(streams):
                             k = si * streams + t
-                            z = buffer(gen_device, k)[:count].view(shape)
+                            z = view(gen_device, k, shape)
                             fill_noise(z, block_seed(seed, slot.index, j, t), self.distribution)
                             if gen_device != device:
-                                z = buffer(device, k)[:count].view(shape).copy_(z)
-                            streams_z.append(z[n0:n1])
+                                z = view(device, k, shape).copy_(z)
+                            streams_z.append(z if whole else z[n0:n1])
                         noises.append(streams_z)
                     block = Block(slot, r0, r1, part.groups[slot.group_index], self.state[slot.param])
                     part.kernel(block, noises)
