@@ -317,3 +317,14 @@ def test_block_size_defaults_to_the_noise_devices():
     restored = zo.ZOSGD([w])
     restored.load_state_dict(saved)
     assert restored.block_size == CUDA_BLOCK_SIZE  # part of the state: a resumed run keeps its blocks
+    # streaming offload keeps the weights in CPU memory and draws their noise on the GPU
+    late = zo.ZOSGD([w])
+    late.noise_generated_on("cuda")
+    assert late.block_size == CUDA_BLOCK_SIZE
+    given = zo.ZOSGD([w], block_size=64)
+    given.noise_generated_on("cuda")
+    assert given.block_size == 64
+    stepped = zo.ZOSGD([w])
+    stepped.step(lambda: w.sum())
+    stepped.noise_generated_on("cuda")  # too late: the blocks of the first step are drawn
+    assert stepped.block_size == DEFAULT_BLOCK_SIZE

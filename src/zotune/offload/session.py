@@ -91,6 +91,7 @@ class StreamingOffload:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        optimizer.noise_generated_on(self.device)  # the blocks' noise is drawn on the device, not in CPU memory
         self.layers = list(stack.layers)
         self.num_blocks = len(self.layers)
         self.params: list[list[tuple[str, nn.Parameter]]] = [list(m.named_parameters()) for m in self.layers]

@@ -170,6 +170,7 @@ class ZOOptimizer(BlockSweep, torch.optim.Optimizer):
         self.distribution = distribution
         self.exact_restore = bool(exact_restore)
         self.noise_device = torch.device(noise_device) if noise_device is not None else None
+        self._block_size_given = block_size is not None
         if block_size is None:
             first = next((p for g in self.param_groups for p in g["params"]), None)
             block_size = default_block_size(self.noise_device or (first.device if first is not None else "cpu"))
@@ -232,6 +233,13 @@ class ZOOptimizer(BlockSweep, torch.optim.Optimizer):
         override this instead.
         """
         return self.direction(block, noise)
+
+    def noise_generated_on(self, device: torch.device | str) -> None:
+        """Say where the noise will be generated when that is not where the weights are now (streaming
+        offload keeps them in CPU memory and perturbs them on the GPU): before the first step, a
+        default block size becomes that device's (``noise.default_block_size``); a given one stays."""
+        if not self._block_size_given and self._slots is None and self.zo_state["step"] == 0:
+            self.block_size = default_block_size(self.noise_device or device)
 
     def slot_noise_streams(self, param: torch.Tensor) -> int:
         """Noise streams to generate for one parameter (0: its direction needs no block noise)."""
