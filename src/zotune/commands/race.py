@@ -102,15 +102,13 @@ def spec_from_args(args: argparse.Namespace):
              "train": {**(file_values.get("train") or {}), **train} if train else None}
     spec = build_spec(file_values, flags)
     if args.lr_from:  # an explicit --lr (or the YAML's lr:) of an optimizer wins over the probe's
-        from zotune.race.grid import lrs_from_probe, normalize_name, optimizer_entry
-        from zotune.race.report import optimizer_label
+        from zotune.race.grid import lrs_from_probe, normalize_name
 
         given = {normalize_name(k) for k in spec.lr}
         chosen, evidence = lrs_from_probe(spec, Path(args.lr_from))
         probe = {k: v for k, v in chosen.items() if normalize_name(k) not in given}
         spec.lr = {**probe, **spec.lr}
-        labels = {optimizer_label(e.cls.__name__, e.args) for e in map(optimizer_entry, probe)}
-        spec.lr_probe = {key: v for key, v in evidence.items() if key.split("|")[0] in labels}
+        spec.lr_probe = {key: v for name in probe for key, v in evidence[name].items()}
     return spec
 
 

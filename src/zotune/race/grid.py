@@ -168,10 +168,11 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[-_ ]", "", str(name).lower())
 
 
-def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
+def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, list[float]]],
+                                                          dict[str, dict[str, dict[str, Any]]]]:
     """The lr an earlier race (a probe) chose on dev for each of ``spec``'s optimizers and modes,
-    as a grid of one: ``{optimizer spec: {mode: [lr]}}``, and the probe's evidence per
-    ``"method|mode"`` (``source``, ``dev_by_lr``, ``lr_edge``, ``seeds``: for :attr:`RaceSpec.lr_probe`).
+    as a grid of one: ``{optimizer spec: {mode: [lr]}}``, and the probe's evidence, ``{optimizer
+    spec: {"method|mode": {source, task, dev_by_lr, lr_edge, seeds}}}`` (for :attr:`RaceSpec.lr_probe`).
     ``source`` is that race's directory or its summary.json. A method the probe chose different lrs
     for on different tasks is refused (race those tasks separately); a probe on one task gives its
     lr to every task (MeZO's protocol tunes on one)."""
@@ -188,7 +189,7 @@ def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, li
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UserError(f"--lr-from {path}: not a race summary ({e})") from None
     lrs_out: dict[str, dict[str, list[float]]] = {}
-    evidence: dict[str, dict[str, Any]] = {}
+    evidence: dict[str, dict[str, dict[str, Any]]] = {}
     for name in spec.optimizers:
         entry = optimizer_entry(name)
         label = optimizer_label(entry.cls.__name__, entry.args)
@@ -205,9 +206,9 @@ def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, li
                                 "separately")
             lrs_out.setdefault(name, {})[mode] = lrs
             first = matching[0]
-            evidence[f"{label}|{mode}"] = {"source": str(source), "task": first["task"],
-                                           "dev_by_lr": first.get("dev_by_lr", {}),
-                                           "lr_edge": bool(first.get("lr_edge", False)), "seeds": first.get("seeds")}
+            evidence.setdefault(name, {})[f"{label}|{mode}"] = {
+                "source": str(source), "task": first["task"], "dev_by_lr": first.get("dev_by_lr", {}),
+                "lr_edge": bool(first.get("lr_edge", False)), "seeds": first.get("seeds")}
     return lrs_out, evidence
 
 
