@@ -45,7 +45,7 @@ from zotune.offload.lockstep import BOTTOM, TOP, Lockstep
 from zotune.offload.transport import Key, Transport
 from zotune.optim.blocks import Block, _Slot
 from zotune.optim.engine import Noises, ZOOptimizer
-from zotune.optim.noise import block_seed, fill_noise
+from zotune.optim.sweep import block_noises
 
 __all__ = ["OffloadError", "StreamingOffload"]
 
@@ -333,29 +333,18 @@ class StreamingOffload:
                 self.pending[i].append(deferred)
 
     # ------------------------------------------------------------------ block passes
-    def _noise_buffer(self, device: torch.device, k: int, count: int) -> torch.Tensor:
+    def _noise_buffer(self, device: torch.device, k: int, shape: tuple[int, int]) -> torch.Tensor:
         key = (str(device), k)
+        count = shape[0] * shape[1]
         buf = self._noise_buffers.get(key)
         if buf is None or buf.numel() < count:
             buf = self._noise_buffers[key] = torch.empty(count, dtype=torch.float32, device=device)
-        return buf[:count]
+        return buf[:count].view(shape)
 
     def _noises(self, slot: _Slot, j: int, seeds: tuple[int, ...], shape: tuple[int, int]) -> Noises:
         """The raw noise of noise block ``j`` of ``slot`` for ``seeds``, as the engine's sweep makes it."""
-        gen_device = self.opt.noise_device or self.device
-        streams = self.opt.slot_noise_streams(slot.param)
-        count = shape[0] * shape[1]
-        out: Noises = []
-        for si, seed in enumerate(seeds):
-            zs = []
-            for t in range(streams):
-                z = self._noise_buffer(gen_device, si * streams + t, count).view(shape)
-                fill_noise(z, block_seed(seed, slot.index, j, t), self.opt.distribution)
-                if gen_device != self.device:
-                    z = self._noise_buffer(self.device, si * streams + t, count).view(shape).copy_(z)
-                zs.append(z)
-            out.append(zs)
-        return out
+        return block_noises(self._noise_buffer, seeds, slot.index, j, self.opt.slot_noise_streams(slot.param),
+                            shape, self.opt.distribution, self.opt.noise_device or self.device, self.device)
 
     def _pass(self, i: int, seed: int | None, coef: float, deferred: Sequence[_Deferred] = (),
               after: float = 0.0) -> None:

@@ -30,6 +30,27 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 MIN_ELEMENTS_PER_WORKER = 1 << 20
 
 
+def block_noises(view: Callable[[torch.device, int, tuple[int, int]], torch.Tensor], seeds: Sequence[int],
+                 slot_index: int, j: int, streams: int, shape: tuple[int, int], distribution: str,
+                 gen_device: torch.device, device: torch.device) -> Noises:
+    """The raw noise of block ``j`` of slot ``slot_index`` for ``seeds``: stream ``t`` of seed ``i`` is
+    drawn on ``gen_device`` into ``view(gen_device, i * streams + t, shape)`` from its block seed, then
+    copied to ``device`` if that differs (the noise contract; the sweep and the streaming offload share it).
+    """
+    out: Noises = []
+    for si, seed in enumerate(seeds):
+        zs = []
+        for t in range(streams):
+            k = si * streams + t
+            z = view(gen_device, k, shape)
+            fill_noise(z, block_seed(seed, slot_index, j, t), distribution)
+            if gen_device != device:
+                z = view(device, k, shape).copy_(z)
+            zs.append(z)
+        out.append(zs)
+    return out
+
+
 class BlockSweep:
     """Mixin of :class:`~zotune.optim.engine.ZOOptimizer`: slots and the block-by-block noise pass."""
 
@@ -188,17 +209,10 @@ class BlockSweep:
                 for pi, part in enumerate(parts):
                     if slot.index not in members[pi]:
                         continue
-                    noises: Noises = []
-                    for si, seed in enumerate(part.seeds):
-                        streams_z = []
-                        for t in range(streams):
-                            k = si * streams + t
-                            z = view(gen_device, k, shape)
-                            fill_noise(z, block_seed(seed, slot.index, j, t), self.distribution)
-                            if gen_device != device:
-                                z = view(device, k, shape).copy_(z)
-                            streams_z.append(z if whole else z[n0:n1])
-                        noises.append(streams_z)
+                    noises = block_noises(view, part.seeds, slot.index, j, streams, shape, self.distribution,
+                                          gen_device, device)
+                    if not whole:
+                        noises = [[z[n0:n1] for z in zs] for zs in noises]
                     block = Block(slot, r0, r1, part.groups[slot.group_index], self.state[slot.param])
                     part.kernel(block, noises)
 
