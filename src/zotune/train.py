@@ -435,12 +435,9 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
 def attach_cache(model: torch.nn.Module, config: TrainConfig, say: Callable[..., None]) -> Any:
     """Attach the frozen-bottom activation cache (``--cache-mb``), saying where the trainable weights
     start and why the cache is on or off; returns the :class:`~zotune.models.ActivationCache` or None."""
-    from zotune.models import attach_activation_cache, depth_split
+    from zotune.models import attach_activation_cache
 
-    say(f"zotune: {depth_split(model).describe()}")
-    cache, message = attach_activation_cache(model, config.cache_mb, config.cache_dir)
-    say(f"zotune: {message}")
-    return cache
+    return attach_activation_cache(model, config.cache_mb, config.cache_dir, say=say)[0]
 
 
 def evaluate_before(run: Run) -> None:

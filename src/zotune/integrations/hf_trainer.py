@@ -103,16 +103,11 @@ class ZOTrainer(Trainer):
         if self.args.gradient_accumulation_steps != 1:
             raise UserError("ZOTrainer needs gradient_accumulation_steps=1; raise the batch size instead")
         self._check_parallel_mode()
-        self.zo_cache, self.zo_cache_message = self._attach_zo_cache(float(zo_cache_mb))
+        from zotune.models import attach_activation_cache
 
-    def _attach_zo_cache(self, max_mb: float) -> tuple[Any, str]:
-        """The activation cache on ``self.model`` where it is exact, and the one-line message."""
-        from zotune.models import attach_activation_cache, depth_split
-
-        logger.info(f"zotune: {depth_split(self.model).describe()}")
-        cache, message = attach_activation_cache(self.model, max_mb)
-        logger.info(f"zotune: {message}")
-        return cache, message
+        # the activation cache on the model where it is exact, and the one-line message
+        self.zo_cache, self.zo_cache_message = attach_activation_cache(self.model, float(zo_cache_mb),
+                                                                       say=logger.info)
 
     @contextmanager
     def _without_kv_cache(self) -> Iterator[None]:

@@ -50,6 +50,7 @@ True
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,13 +382,19 @@ class ActivationCache:
                 layer.forward = previous
 
 
-def attach_activation_cache(model: Any, max_mb: float = 1024.0,
-                            store_dir: str | None = None) -> tuple[ActivationCache | None, str]:
+def attach_activation_cache(model: Any, max_mb: float = 1024.0, store_dir: str | None = None,
+                            say: Callable[[str], Any] | None = None) -> tuple[ActivationCache | None, str]:
     """An :class:`ActivationCache` on ``model`` and a one-line message, or ``(None, why not)``.
 
     ``max_mb <= 0`` switches the cache off; ``store_dir`` also keeps the rows on disk there,
-    shared with other runs (:class:`~zotune.models.activation_store.ActivationStore`).
+    shared with other runs (:class:`~zotune.models.activation_store.ActivationStore`). ``say``
+    (e.g. ``print`` or a logger's ``info``) is told where the trainable weights start and the message.
     """
+    if say is not None:
+        say(f"zotune: {depth_split(model).describe()}")
+        cache, message = attach_activation_cache(model, max_mb, store_dir)
+        say(f"zotune: {message}")
+        return cache, message
     if max_mb <= 0:
         return None, "activation cache off (--cache-mb 0)"
     split = depth_split(model)
