@@ -333,6 +333,7 @@ def test_a_race_at_the_probes_lr_takes_the_grid_edge_from_the_probe():
         assert row["lr_edge"] is edge and row["lr_probe"] == probe["ZOSGD|final_norm"]
         table = markdown(summary, cells)
         assert "probe on sst2, 1 seed: 0.01: 0.600, 0.1: 0.700" in table
+        assert "chosen by `--lr-from` on: `probe`." in table  # where the probe's cells are
         assert ("**(grid edge)**" in table) is edge
     # another method's or mode's probe, or a race with its own grid of several lrs, is not used
     other = {"HiZOO|final_norm": {"source": "p", "task": "sst2", "seeds": 1, "lr_edge": True, "dev_by_lr": {}},
@@ -359,6 +360,10 @@ def test_collect_of_a_races_parent_reads_each_races_probe(tmp_path):
     for root in (race, tmp_path / "runs"):
         row = write_report(root, tmp_path / "report")["rows"][0]
         assert row["lr_edge"] is True and row["lr_probe"]["dev_by_lr"] == {"0.01": 0.6, "0.1": 0.7}
+        assert "on: `probe`." in (tmp_path / "report" / "report.md").read_text()
+    # the race's own target (race.json) is read as well
+    (race / "race.json").write_text(json.dumps({"spec": {"lr_probe": probe, "target": 0.75}, "cells": ["c1"]}))
+    assert write_report(race, tmp_path / "report")["target"] == 0.75
 
 
 def test_time_to_target_including_not_reached():

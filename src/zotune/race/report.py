@@ -253,6 +253,10 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
             lines += ["", f"The target is not above zero-shot dev here ({', '.join(vacuous)}): the target columns "
                          "say nothing about speed on this task."]
         lines.append("")
+    sources = sorted({r["lr_probe"]["source"] for r in summary["rows"] if (r.get("lr_probe") or {}).get("source")})
+    if sources:
+        lines += [f"The lrs of the rows marked \"probe on\" were chosen by `--lr-from` on: "
+                  f"{', '.join(f'`{s}`' for s in sources)}.", ""]
     if summary.get("cpu_seconds_total") is not None:
         lines += [f"CPU time of the cell processes: {summary['cpu_seconds_total'] / 60:.1f} min (user + sys, "
                   "start-up included, summed over the cells; timing.jsonl).", ""]
@@ -287,19 +291,21 @@ def write_report(root: Path, output: Path | None = None, target: str | float | N
     """Collect the runs under ``root``; write report.md, summary.json, cells.csv, race.png into ``output``."""
     output = output or root
     cells = find_cells(root)
-    race_json = root / "race.json"
-    info = json.loads(race_json.read_text()) if race_json.exists() else {}
+    races: dict[Path, dict[str, Any]] = {}  # every race.json under root (--collect of several races' parent)
+    for path in sorted(root.rglob("race.json")):
+        try:
+            races[path] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    info = races.get(root / "race.json", {})
     if target is None:
         target = info.get("spec", {}).get("target", "zosgd")
     cpu = cell_cpu_seconds(root)
     for c in cells:
         c["cpu_seconds"] = cpu.get(c["name"])
-    lr_probe: dict[str, Any] = {}  # every race's under root (--collect of several races' parent)
-    for path in sorted(root.rglob("race.json")):
-        try:
-            lr_probe.update(json.loads(path.read_text()).get("spec", {}).get("lr_probe") or {})
-        except (OSError, ValueError):
-            continue
+    lr_probe: dict[str, Any] = {}
+    for race in races.values():
+        lr_probe.update(race.get("spec", {}).get("lr_probe") or {})
     summary = summarize(cells, target, lr_probe)
     if cpu:
         summary["cpu_seconds_total"] = sum(cpu.values())
