@@ -323,3 +323,18 @@ def test_saved_config_with_its_data_parallel_record_is_a_valid_config(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data_parallel"] == results["data_parallel"] == {"world_size": 1, "backend": None}
     assert TrainConfig.from_dict(saved).task == "rte"
+
+
+def test_peak_memory_is_taken_before_the_best_weights_are_reloaded(tmp_path, monkeypatch):
+    # the reload memory-maps best/trainable.safetensors, whose pages count in VmHWM as a second copy
+    # of the trainable weights: the reported peak is the run's before that reload
+    import zotune.train as train_module
+
+    events: list[str] = []
+    monkeypatch.setattr(train_module, "peak_memory_mb", lambda device=None: events.append("peak") or 123.0)
+    real_load = train_module.load_trainable
+    monkeypatch.setattr(train_module, "load_trainable", lambda *a: events.append("reload") or real_load(*a))
+    _, results = run(tmp_path, task="sst2", steps=2, eval_every=1)
+    assert results["best_step"] is not None and "reload" in events
+    assert results["peak_memory_mb"] == 123.0
+    assert events.index("peak") < events.index("reload")

@@ -576,6 +576,10 @@ def finish_run(run: Run) -> dict[str, Any]:
 
         check_replicas(run.optimizer)  # ranks must end bit-identical (raises a clear error if not)
         dist.barrier()  # the main process has written best/ and checkpoint/
+    # the peak of training and its evaluations, taken before the best weights are reloaded: safetensors
+    # memory-maps the file, and its pages (page cache, dropped under pressure) would count in VmHWM as
+    # one more copy of the trainable weights (+540 MB for SmolLM2-135M in full fine-tuning)
+    peak_mb = peak_memory_mb(dist.device if dist is not None else None)
     if loop["best_step"] is not None and (out / "best").exists():
         load_trainable(run.model, out / "best")
     final = {"dev": run.evaluate(run.task.dev, "dev")}
@@ -598,7 +602,7 @@ def finish_run(run: Run) -> dict[str, Any]:
         "train_seconds": loop["train_seconds"],
         "warm_seconds": loop["warm_seconds"],
         "wall_clock_s": time.time() - plan.wall_start,
-        "peak_memory_mb": peak_memory_mb(dist.device if dist is not None else None),
+        "peak_memory_mb": peak_mb,
         "data_parallel": plan.resolved["data_parallel"],
         "activation_cache": dict(run.cache.stats) if run.cache is not None else None,
         "config": plan.resolved,
