@@ -390,18 +390,18 @@ def attach_activation_cache(model: Any, max_mb: float = 1024.0, store_dir: str |
     shared with other runs (:class:`~zotune.models.activation_store.ActivationStore`). ``say``
     (e.g. ``print`` or a logger's ``info``) is told where the trainable weights start and the message.
     """
-    if say is not None:
-        say(f"zotune: {depth_split(model).describe()}")
-        cache, message = attach_activation_cache(model, max_mb, store_dir)
-        say(f"zotune: {message}")
-        return cache, message
-    if max_mb <= 0:
-        return None, "activation cache off (--cache-mb 0)"
     split = depth_split(model)
-    if split.refusal is not None:
-        return None, f"activation cache off: {split.refusal}"
-    cache = ActivationCache(model, max_mb=max_mb, store=ActivationStore(store_dir) if store_dir else None)
-    what = (f"blocks 0-{split.block - 1}" if split.block > 1 else "block 0") + f" of {split.num_layers}"
-    shared = f", shared on disk in {store_dir}" if store_dir else ""
-    return cache, (f"activation cache on: embeddings and {what} run once per example "
+    if say is not None:
+        say(f"zotune: {split.describe()}")
+    cache, message = None, "activation cache off (--cache-mb 0)"
+    if max_mb > 0 and split.refusal is not None:
+        message = f"activation cache off: {split.refusal}"
+    elif max_mb > 0:
+        cache = ActivationCache(model, max_mb=max_mb, store=ActivationStore(store_dir) if store_dir else None)
+        what = (f"blocks 0-{split.block - 1}" if split.block > 1 else "block 0") + f" of {split.num_layers}"
+        shared = f", shared on disk in {store_dir}" if store_dir else ""
+        message = (f"activation cache on: embeddings and {what} run once per example "
                    f"(up to {max_mb:g} MB{shared}; --cache-mb 0 switches it off)")
+    if say is not None:
+        say(f"zotune: {message}")
+    return cache, message
