@@ -135,9 +135,9 @@ class BlockSweep:
     def _pass_plan(self, wanted: set[int]) -> tuple[list[tuple[_Slot, int, int, int, int, int]], dict[int, int], int]:
         """(work items, noise streams per slot, largest block) of a pass over the slots ``wanted``;
         kept while the slots are (a GPU pass would otherwise rebuild them for every block's few us)."""
-        key = (id(self._slots), frozenset(wanted))
+        key = frozenset(wanted)
         cache = getattr(self, "_plan_cache", None)
-        if cache is None or cache[0] != key or cache[1] is not self._slots:
+        if cache is None or cache[0] != key or cache[1] is not self._slots:  # the slots are rebuilt as a new list
             slots = [s for s in self._slots or [] if s.index in wanted]
             streams_of = {slot.index: self.slot_noise_streams(slot.param) for slot in self._slots or []}
             max_block = max((s.layout.rows_per_block * max(s.layout.row_len, 1) for s in self._slots or []),
