@@ -94,6 +94,13 @@ def test_replay_refuses_another_base_model_and_other_noise(tmp_path):
     assert header["block_size"] == DEFAULT_BLOCK_SIZE
     with pytest.raises(UserError, match="noise differs"):
         zotraj.check_noise({**header, "block_size": 1 << 22}, run_dir)
+    # files older than the field were made with the run's option or the CPU default, on any device
+    old = {k: v for k, v in header.items() if k != "block_size"}
+    assert zotraj.recorded_block_size(old) == DEFAULT_BLOCK_SIZE
+    assert zotraj.recorded_block_size({**old, "optimizer_kwargs": {"block_size": 1 << 10}}) == 1 << 10
+    assert zotraj.recorded_block_size({**header, "block_size": 1 << 12}) == 1 << 12
+    model, _ = tiny_setup()
+    assert zotraj.replay(run_dir, {**header, "block_size": 1 << 12}, records, model).block_size == 1 << 12
 
 
 def test_torn_trajectory_record_is_ignored_and_cut_keeps_earlier_steps(tmp_path):

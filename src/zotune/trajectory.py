@@ -198,17 +198,18 @@ def check_noise(header: dict[str, Any], path: Path) -> None:
     from zotune import __version__
 
     kwargs = header.get("optimizer_kwargs", {})
-    block_size = header.get("block_size", kwargs.get("block_size", _block_size()))  # older files: the CPU default
-    mine = noise_fingerprint(kwargs.get("distribution", "gaussian"), block_size)
+    mine = noise_fingerprint(kwargs.get("distribution", "gaussian"), recorded_block_size(header))
     if header.get("noise") != mine:
         raise UserError(f"{path} was written by zotune {header.get('zotune')}, whose perturbation noise differs "
                         f"from this zotune {__version__}'s; replay it with zotune {header.get('zotune')}")
 
 
-def _block_size() -> int:
+def recorded_block_size(header: dict[str, Any]) -> int:
+    """The noise block size the run used: the header's; in files older than that field, the run's
+    ``block_size`` option or the CPU default (the only default before CUDA got its own)."""
     from zotune.optim.noise import DEFAULT_BLOCK_SIZE
 
-    return DEFAULT_BLOCK_SIZE
+    return int(header.get("block_size", header.get("optimizer_kwargs", {}).get("block_size", DEFAULT_BLOCK_SIZE)))
 
 
 def replay(path: Path, header: dict[str, Any], records: list[StepRecord], model: torch.nn.Module):
@@ -220,8 +221,8 @@ def replay(path: Path, header: dict[str, Any], records: list[StepRecord], model:
         raise UserError(f"{path} was made for another base model (fingerprint {header['base']}, this one "
                         f"{found}); pass the base model the run started from with --model")
     # lazy: the same arithmetic as the eager run (bit-identical), one pass per step fewer
-    sizes = {"block_size": header["block_size"]} if "block_size" in header else {}  # as the run resolved it
-    optimizer = zo.get(header["optimizer"])(model, **{**header["optimizer_kwargs"], **sizes, "lazy_update": True})
+    optimizer = zo.get(header["optimizer"])(model, **{**header["optimizer_kwargs"], "lazy_update": True,
+                                                      "block_size": recorded_block_size(header)})
     device = next((p.device.type for p in model.parameters() if p.requires_grad), "cpu")
     device = optimizer.noise_device.type if optimizer.noise_device is not None else device
     if header.get("noise_device", "cpu") != device:  # CUDA's Philox stream is not the CPU's
