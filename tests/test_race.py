@@ -75,6 +75,12 @@ def test_grid_expands_from_yaml_and_flags(tmp_path, tiny_model_dir):
     assert train_cell.options["batch_size"] == 4 and train_cell.options["max_test"] == 8
     assert train_cell.options["steps"] == 5 and train_cell.options["seed"] == train_cell.options["data_seed"] == 7
     assert cells[0].options["steps"] == 0
+    # the zero-shot cell is the evaluation before training: the trained cells skip their own
+    assert train_cell.options["eval_before"] is False and "eval_before" not in cells[0].options
+    kept = build_spec({}, {"tasks": "sst2", "optimizers": "zosgd", "steps": 5, "baselines": "zeroshot",
+                           "train": {"eval_before": True}}).cells()
+    assert kept[1].options["eval_before"] is True  # unless the user asks for it
+    assert "eval_before" not in build_spec({}, {"tasks": "sst2", "optimizers": "zosgd", "steps": 5}).cells()[0].options
     argv = train_cell.argv("out")
     assert argv[argv.index("--lr") + 1] == "0.001" and argv[-2:] == ["--output-dir", "out"]
 
@@ -111,6 +117,17 @@ def test_eval_every_forwards_samples_every_curve_at_the_same_forwards():
     # a suite's step cadence gives way to a cadence in forwards given by the user
     quick = build_spec({}, {"suite": "lmbff-k16", "optimizers": "zosgd", "eval_every_forwards": 8})
     assert {c.options["eval_every"] for c in quick.cells() if c.kind == "train"} == {4}
+
+
+def test_mean_curve_aligns_seeds_with_and_without_the_evaluation_before_training():
+    from zotune.race.plots import mean_curve
+
+    with_before = [{"forwards": f, "seconds": f / 10, "dev": d} for f, d in ((0, 0.5), (40, 0.6), (80, 0.7))]
+    without = [{"forwards": f, "seconds": f / 10, "dev": d} for f, d in ((40, 0.8), (80, 0.9))]
+    x, mean, _ = mean_curve([with_before, without], "forwards")
+    assert list(x) == [40, 80] and list(mean) == pytest.approx([0.7, 0.8])
+    x, mean, _ = mean_curve([with_before, with_before], "forwards")  # every seed has it: kept
+    assert list(x) == [0, 40, 80] and list(mean) == pytest.approx([0.5, 0.6, 0.7])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -153,6 +170,8 @@ def test_killed_race_resumes_without_rerunning_finished_cells_and_gives_the_same
     common = ["race", "--config", str(config), "--in-process", "--threads", "1"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main([*common, "--output-dir", str(whole)]) == 0
+    curve = json.loads((whole / "summary.json").read_text())["curves"]["sst2|final_norm|ZOSGD"][0]
+    assert curve[0]["forwards"] == 0 and curve[0]["seconds"] == 0.0  # no zero-shot cell: evaluated before
 
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "zotune", *common, "--output-dir", str(killed)], env=env,
@@ -206,9 +225,10 @@ def test_print_commands_then_collect_and_the_first_order_memory_figure(tmp_path,
     assert adamw["memory_vs_inference"] == pytest.approx(
         peak["sst2__final_norm__adamw__lr0.01__s13"] / peak["sst2__zeroshot__s13"])
     assert f"({adamw['memory_vs_inference']:.2f}x)" in (race / "report.md").read_text()
-    # every dev evaluation logged seconds and forwards so far (what time-to-target reads)
+    # every dev evaluation logged seconds and forwards so far (what time-to-target reads); the zero-shot
+    # cell is the evaluation before training, so the trained cells start at their first step
     evals = summary["curves"]["sst2|final_norm|ZOSGD"][0]
-    assert [e["forwards"] for e in evals] == [0, 2, 4] and evals[0]["seconds"] == 0.0
+    assert [e["forwards"] for e in evals] == [2, 4] and 0 < evals[0]["seconds"] <= evals[1]["seconds"]
 
 
 def test_lr_grid_as_factors_of_each_mode_default_and_for_every_optimizer(capsys):

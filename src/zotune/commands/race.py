@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-from", metavar="DIR",
                         help="each optimizer and mode at the lr an earlier race (a probe) chose on dev: its "
                              "directory or summary.json (an --lr of an optimizer still wins)")
-    parser.add_argument("--baselines", help="comma-separated: zeroshot, icl")
+    parser.add_argument("--baselines", help="comma-separated: zeroshot, icl (with zeroshot, trained cells skip "
+                        "their own evaluation before training)")
     parser.add_argument("--icl-demonstrations", type=int, help="solved examples in the ICL baseline's prompt")
     parser.add_argument("--target", help="time-to-target goal: an optimizer (its mean dev; default zosgd) or a number")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -139,6 +139,8 @@ class RaceSpec:
                             if entry.args:
                                 opts["optimizer_args"] = {**self.train.get("optimizer_args", {}), **entry.args}
                             opts.setdefault("save_every", every)  # a killed cell resumes
+                            if "zeroshot" in self.baselines:  # that cell is the evaluation before
+                                opts.setdefault("eval_before", False)  # training, once per task and seed
                             out.append(Cell(f"{task}__{mode}__{entry.label}__lr{lr:g}__s{seed}", "train", opts))
         return out
 

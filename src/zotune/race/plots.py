@@ -11,6 +11,9 @@ import numpy as np
 def mean_curve(runs: list[list[dict[str, Any]]], x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean x, mean dev and dev std at each evaluation index over seeds (cut to the shortest run)."""
     runs = [r for r in runs if r]
+    if not all(r[0]["forwards"] == 0 for r in runs):  # some seeds skipped the evaluation before training
+        runs = [[e for e in r if e["forwards"] > 0] for r in runs]  # (a resumed race): align the others
+        runs = [r for r in runs if r]
     if not runs:
         return np.array([]), np.array([]), np.array([])
     n = min(len(r) for r in runs)
