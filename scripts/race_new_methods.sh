@@ -9,8 +9,10 @@
 # docs/race.md ("The new methods") has the results and the CPU time (about 3.3 CPU-hours).
 #   RUNS=runs/race13 scripts/race_new_methods.sh        # resumable: rerun to continue
 # The same race in another tuning mode, or on a GPU (what issue #13 still asks for: full and lora;
-# roughly 15-25 CPU-hours per mode here): the probe then spans 10x, 100x and 1000x each method's
-# default lr of the mode (its lr_by_mode; override with PROBE_LR), e.g.
+# roughly 15-25 CPU-hours per mode here): for full and lora the probe spans a factor of 3 either
+# side of each method's lr measured in that mode on the CPU (docs/race.md, third to fifth
+# sessions; one seed for most); any other mode spans 10x, 100x and 1000x each method's default
+# lr of the mode (its lr_by_mode); PROBE_LR overrides both, e.g. PROBE_LR=x10,x100,x1000:
 #   PEFT=lora DEVICE=cuda JOBS=8 RUNS=runs/race13-lora scripts/race_new_methods.sh
 set -euo pipefail
 RUNS=${RUNS:-runs/race13}
@@ -29,6 +31,15 @@ if [ "$PEFT" = "top:2" ]; then  # the grids reported in docs/race.md (both sessi
   --lr fzoo=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --lr sparse-mezo=1e-4,3e-4,1e-3,3e-3 --lr dizo=1e-4,3e-4,1e-3,3e-3 \
   --lr lozo=3e-4,1e-3,3e-3 --lr lozo-m=3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --lr subzero=3e-4,1e-3,3e-3 \
   --lr zo-muon=1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1,3 --lr zosgd:layer_fraction=0.34=3e-4,1e-3,3e-3)
+elif [ -z "${PROBE_LR:-}" ] && [ "$PEFT" = "full" ]; then  # around the CPU's full-mode lrs (SST-2, seed 13)
+  PROBE=(--lr zosgd=1e-5,3e-5,1e-4 --lr zoadam=3e-4,1e-3,3e-3 --lr fzoo=3e-3,1e-2,3e-2 \
+  --lr sparse-mezo=1e-5,3e-5,1e-4 --lr dizo=1e-5,3e-5,1e-4 --lr lozo=1e-5,3e-5,1e-4 --lr lozo-m=1e-6,3e-6,1e-5 \
+  --lr subzero=1e-5,3e-5,1e-4 --lr zo-muon=0.1,0.3,1 --lr zosgd:layer_fraction=0.34=1e-5,3e-5,1e-4)
+elif [ -z "${PROBE_LR:-}" ] && [ "$PEFT" = "lora" ]; then  # around the CPU's LoRA lrs (SST-2)
+  PROBE=(--lr zosgd=1.5e-3,5e-3,1.5e-2 --lr zoadam=3e-3,1e-2,3e-2 --lr fzoo=1.5e-2,5e-2,1.5e-1 \
+  --lr sparse-mezo=1.5e-3,5e-3,1.5e-2 --lr dizo=5e-4,1.5e-3,5e-3 --lr lozo=1.5e-3,5e-3,1.5e-2 \
+  --lr lozo-m=1.5e-4,5e-4,1.5e-3 --lr subzero=1.5e-3,5e-3,1.5e-2 --lr zo-muon=0.1,0.3,1 \
+  --lr zosgd:layer_fraction=0.34=1.5e-3,5e-3,1.5e-2)
 else
   PROBE=(--lr "*=${PROBE_LR:-x10,x100,x1000}")
 fi
