@@ -325,6 +325,35 @@ def test_saved_config_with_its_data_parallel_record_is_a_valid_config(tmp_path):
     assert TrainConfig.from_dict(saved).task == "rte"
 
 
+def test_reset_peak_memory_starts_the_peak_from_the_memory_in_use_now():
+    from zotune.memory import peak_memory_mb, reset_peak_memory
+
+    if not reset_peak_memory():
+        pytest.skip("this OS cannot reset the peak resident memory (/proc/self/clear_refs)")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    with_big = peak_memory_mb()
+    del big
+    assert reset_peak_memory()
+    assert peak_memory_mb() < with_big - 48  # the freed 64 MiB left the peak (16 MiB of slack)
+
+
+def test_a_resumed_run_takes_its_peak_after_the_checkpoint_is_loaded(tmp_path, monkeypatch):
+    # the checkpoint is read through memory maps and a temporary copy: not part of the run's peak
+    import zotune.train as train_module
+
+    common = dict(task="sst2", steps=2, save_every=1, eval_before=False)
+    run(tmp_path, name="resumed", **{**common, "steps": 1})
+    events: list[str] = []
+    real_load = train_module.checkpoint.load_checkpoint
+    monkeypatch.setattr(train_module.checkpoint, "load_checkpoint",
+                        lambda *a, **k: events.append("load") or real_load(*a, **k))
+    monkeypatch.setattr(train_module, "reset_peak_memory", lambda device=None: events.append("reset") or True)
+    model, tok = tiny_setup(seed=5)
+    train(TrainConfig(**{**FAST, **common, "output_dir": str(tmp_path / "resumed"), "resume": True}),
+          model=model, tokenizer=tok)
+    assert events == ["load", "reset"]
+
+
 def test_peak_memory_is_taken_before_the_best_weights_are_reloaded(tmp_path, monkeypatch):
     # the reload memory-maps best/trainable.safetensors, whose pages count in VmHWM as a second copy
     # of the trainable weights: the reported peak is the run's before that reload

@@ -41,6 +41,7 @@ from zotune import checkpoint
 from zotune.checkpoint import MetricsLog, load_trainable, save_trainable, trainable_state  # noqa: F401 (public here too)
 from zotune.config import PEFT_MODES, TrainConfig
 from zotune.errors import UserError
+from zotune.memory import peak_memory_mb, reset_peak_memory
 from zotune.models.tuning import parse_peft_mode
 from zotune.offload.checks import DATA_PARALLEL_REFUSAL, attach_offload
 from zotune.preflight import (  # noqa: F401 (TRAJECTORY_FIELDS, check_optimizer_args: public here too)
@@ -96,22 +97,6 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
         out.extend(int(i) for i in perm[offset : offset + take])
         pos += take
     return out
-
-
-def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak resident memory of this process (VmHWM), or CUDA peak allocation on a GPU."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def default_lr(config: TrainConfig, optimizer_cls: type) -> float:
@@ -403,6 +388,9 @@ def start_run(plan: RunPlan, *, model=None, tokenizer=None) -> Run:
             "train_seconds": 0.0, "warm_seconds": 0.0}
     if config.resume:
         loop.update(checkpoint.load_checkpoint(out, model, optimizer, scheduler, repair=plan.is_main))
+        # the checkpoint was read through memory maps (safetensors) and a temporary copy (torch.load):
+        # their pages would stay in this run's peak as another copy of the weights and the state
+        reset_peak_memory(dist.device if dist is not None else None)
         if plan.is_main:
             checkpoint.cut_jsonl(out / "metrics.jsonl", loop["step"])  # steps after it run (and log) again
     elif plan.is_main:

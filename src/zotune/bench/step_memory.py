@@ -10,9 +10,6 @@ transformers, builds the model, resets the peak RSS (by writing 5 to
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -26,33 +23,10 @@ from typing import Any
 from zotune.bench._common import fmt, median
 from zotune.bench.step_cases import Case, make_runner, state_bytes
 from zotune.bench.step_model import build_model, make_batch, make_closure, param_count
+from zotune.memory import reset_peak_memory, status_kb
 
 MEMORY_MARK = "ZOTUNE_MEMORY "
 MMAP_THRESHOLD = 128 * 1024  # glibc's default M_MMAP_THRESHOLD, pinned in the memory subprocesses
-
-
-def _status_kb(key: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def _reset_peak() -> bool:
-    """Return freed heap to the OS and reset VmHWM to the current RSS (Linux >= 4.0)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_case(case: str, shape: str, batch: int, seq: int, steps: int = 2, seed: int = 0) -> dict[str, Any]:
@@ -67,16 +41,16 @@ def memory_case(case: str, shape: str, batch: int, seq: int, steps: int = 2, see
 
     import zotune.optim  # noqa: F401
 
-    out: dict[str, Any] = {"case": case, "rss_after_import_mb": _status_kb("VmRSS") / 1024}
+    out: dict[str, Any] = {"case": case, "rss_after_import_mb": status_kb("VmRSS") / 1024}
     if case == "import":
-        out["peak_mb"] = _status_kb("VmHWM") / 1024
+        out["peak_mb"] = status_kb("VmHWM") / 1024
         return out
     model = build_model(shape, seed)
     batch_t = make_batch(model.config.vocab_size, batch, seq, seed + 1)
     closure = make_closure(model, batch_t)
     out["params"] = param_count(model)
-    out["rss_after_model_mb"] = _status_kb("VmRSS") / 1024
-    out["peak_reset"] = _reset_peak()
+    out["rss_after_model_mb"] = status_kb("VmRSS") / 1024
+    out["peak_reset"] = reset_peak_memory()
     if case == "inference":
         for _ in range(steps):
             closure()
@@ -85,7 +59,7 @@ def memory_case(case: str, shape: str, batch: int, seq: int, steps: int = 2, see
         for _ in range(steps):
             runner.step(closure)
         out["state_bytes"] = state_bytes(runner)
-    out["peak_mb"] = _status_kb("VmHWM") / 1024
+    out["peak_mb"] = status_kb("VmHWM") / 1024
     return out
 
 
