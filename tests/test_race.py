@@ -386,6 +386,29 @@ def test_collect_of_a_races_parent_reads_each_races_probe(tmp_path):
     assert write_report(race, tmp_path / "report")["target"] == 0.75
 
 
+def test_collect_counts_a_copied_run_once_and_refuses_the_same_cell_with_other_results(tmp_path, capsys):
+    # a probe's seed-13 cell copied into the race that reuses it must not become a second seed
+    from zotune.race.report import write_report
+
+    def cell(directory: Path, seed: int, dev: float, forwards: int = 20) -> None:
+        directory.mkdir(parents=True)
+        (directory / "results.json").write_text(json.dumps({
+            "task": "sst2", "optimizer": "ZOSGD", "peft": "full", "steps": forwards // 2, "forwards": forwards,
+            "config": {"steps": 10, "lr": 0.1, "seed": seed},
+            "after": {"dev": {"accuracy": dev}, "test": {"accuracy": 0.5}}}))
+
+    name = "sst2__full__zosgd__lr0.1__s13"
+    cell(tmp_path / "runs" / "probe" / "cells" / name, 13, 0.7)
+    cell(tmp_path / "runs" / "race" / "cells" / name, 13, 0.7)  # the copy
+    cell(tmp_path / "runs" / "race" / "cells" / "sst2__full__zosgd__lr0.1__s21", 21, 0.8)
+    row = write_report(tmp_path / "runs", tmp_path / "report")["rows"][0]
+    assert row["seeds"] == 2 and row["dev_mean"] == pytest.approx(0.75)
+    cell(tmp_path / "runs" / "longer" / "cells" / name, 13, 0.9, forwards=40)  # same cell, another budget
+    assert main(["race", "--collect", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "same cell" in err and "collect them separately" in err and "\n" not in err
+
+
 def test_time_to_target_including_not_reached():
     assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.5},
                            {"seconds": 3.0, "forwards": 6, "dev": 0.75}], 0.7) == (3.0, 6)

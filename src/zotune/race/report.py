@@ -86,10 +86,30 @@ def read_cell(directory: Path) -> dict[str, Any]:
 
 
 def find_cells(root: Path) -> list[dict[str, Any]]:
-    """Every finished run directory under ``root`` (any depth), in a stable order."""
+    """Every finished run directory under ``root`` (any depth), in a stable order.
+
+    A run found twice (a probe's cell copied into the race that reuses it, a zero-shot cell of each
+    of several races: same task, method, mode, lr and seed, same results) counts once; the same
+    cell with other results (another budget, other data settings) is refused, as it would be
+    averaged in as one more seed.
+    """
     if not root.is_dir():
         raise UserError(f"--collect {root}: no such directory")
-    cells = [read_cell(p.parent) for p in sorted(root.rglob("results.json"))]
+    cells: list[dict[str, Any]] = []
+    seen: dict[tuple, tuple[Path, tuple]] = {}
+    for path in sorted(root.rglob("results.json")):
+        cell = read_cell(path.parent)
+        key = tuple(cell[k] for k in ("task", "kind", "optimizer", "peft", "lr", "seed", "demonstrations"))
+        outcome = tuple(cell[k] for k in ("dev", "test", "steps", "forwards"))
+        if key in seen:
+            first, first_outcome = seen[key]
+            if outcome != first_outcome:
+                raise UserError(f"--collect {root}: {path.parent} and {first} are the same cell ({cell['task']}, "
+                                f"{cell['optimizer']}, lr {cell['lr']}, seed {cell['seed']}) with other results "
+                                "(another budget or data?); collect them separately")
+            continue
+        seen[key] = (path.parent, outcome)
+        cells.append(cell)
     if not cells:
         raise UserError(f"--collect {root}: no finished runs (results.json) under it")
     return cells
