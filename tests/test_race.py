@@ -130,6 +130,18 @@ def test_mean_curve_aligns_seeds_with_and_without_the_evaluation_before_training
     assert list(x) == [0, 40, 80] and list(mean) == pytest.approx([0.5, 0.6, 0.7])
 
 
+def test_a_race_figure_of_many_methods_puts_its_legend_beside_the_panels(tmp_path):
+    import matplotlib.image
+
+    from zotune.race.plots import plot_race
+
+    curve = [[{"forwards": f, "seconds": f / 10, "dev": 0.5 + f / 1000} for f in (40, 80)]]
+    for n, wide in ((3, False), (7, True)):
+        summary = {"rows": [], "curves": {f"sst2|full|M{i}": curve for i in range(n)}}
+        width = matplotlib.image.imread(plot_race(summary, tmp_path / f"race{n}.png")).shape[1]
+        assert (width > 600) is wide  # 4.2 inches at 100 dpi, + 3.2 for the legend
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "nosuchtask", "--optimizers", "zosgd", "--steps", "2"], "unknown task"),
     (["--tasks", "sst2", "--optimizers", "nosuchopt", "--steps", "2"], "unknown optimizer"),

@@ -30,9 +30,11 @@ def plot_race(summary: dict[str, Any], output: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in summary["rows"]})
-    fig, axes = plt.subplots(2, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 7), squeeze=False)
     # one colour per optimizer x mode over every panel (a per-axes colour cycle gave two methods one colour)
     names = sorted({f"{k.split('|')[2]} ({k.split('|')[1]})" for k in summary["curves"]})
+    outside = len(names) > 6  # a legend of many methods goes beside the last panel, not over the curves
+    fig, axes = plt.subplots(2, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)) + 3.2 * outside, 7),
+                             squeeze=False)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors: dict[str, Any] = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     for col, task in enumerate(tasks):
@@ -54,8 +56,8 @@ def plot_race(summary: dict[str, Any], output: Path) -> Path:
                                else "black", label=f"{r['method']} dev")
             ax.set(xlabel=label, ylabel="dev metric", title=task)
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0] and (not outside or col == len(tasks) - 1):
+                ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if outside else {}))
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
