@@ -393,10 +393,12 @@ def attach_activation_cache(model: Any, max_mb: float = 1024.0, store_dir: str |
     split = depth_split(model)
     if say is not None:
         say(f"zotune: {split.describe()}")
-    cache, message = None, "activation cache off (--cache-mb 0)"
-    if max_mb > 0 and split.refusal is not None:
+    cache = None
+    if max_mb <= 0:
+        message = "activation cache off (--cache-mb 0)"
+    elif split.refusal is not None:
         message = f"activation cache off: {split.refusal}"
-    elif max_mb > 0:
+    else:
         cache = ActivationCache(model, max_mb=max_mb, store=ActivationStore(store_dir) if store_dir else None)
         what = (f"blocks 0-{split.block - 1}" if split.block > 1 else "block 0") + f" of {split.num_layers}"
         shared = f", shared on disk in {store_dir}" if store_dir else ""
