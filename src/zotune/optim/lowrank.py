@@ -123,6 +123,9 @@ def low_rank_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.device.type != "cpu":
         return a @ b
+    # b's rows must be contiguous: a transposed factor (V^T) makes every pass a strided read that
+    # the elementwise kernels do not vectorise (6x slower for SubZero's rank 24); the copy is r x n
+    b = b.contiguous()
     out = a[:, :1] * b[:1]
     for k in range(1, a.shape[1]):
         out.addcmul_(a[:, k : k + 1], b[k : k + 1])
