@@ -421,6 +421,35 @@ def test_collect_counts_a_copied_run_once_and_refuses_the_same_cell_with_other_r
     assert "same cell" in err and "collect them separately" in err and "\n" not in err
 
 
+def test_collect_of_several_directories_is_one_report(tmp_path, capsys):
+    # a probe and the race that used its lrs, kept in separate folders: one report, without copying
+    def cell(directory: Path, seed: int, dev: float) -> None:
+        directory.mkdir(parents=True)
+        (directory / "results.json").write_text(json.dumps({
+            "task": "sst2", "optimizer": "ZOSGD", "peft": "full", "steps": 10, "forwards": 20,
+            "config": {"steps": 10, "lr": 0.1, "seed": seed},
+            "after": {"dev": {"accuracy": dev}, "test": {"accuracy": 0.5}}}))
+
+    probe, race = tmp_path / "probe", tmp_path / "race"
+    cell(probe / "cells" / "sst2__full__zosgd__lr0.1__s13", 13, 0.7)
+    cell(race / "cells" / "sst2__full__zosgd__lr0.1__s21", 21, 0.8)
+    (probe / "timing.jsonl").write_text(json.dumps({"cell": "sst2__full__zosgd__lr0.1__s13", "cpu_s": 60.0}) + "\n")
+    out = tmp_path / "report"
+    # the race folder given twice (once through its parent) still counts each run and its CPU once
+    assert main(["race", "--collect", str(probe), str(race), str(tmp_path), "--report-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][0]["seeds"] == 2 and summary["rows"][0]["dev_mean"] == pytest.approx(0.75)
+    assert summary["cpu_seconds_total"] == pytest.approx(60.0)
+    assert not (probe / "report.md").exists() and not (race / "report.md").exists()
+    # several directories and no --report-dir: one line naming the fix, nothing written
+    assert main(["race", "--collect", str(probe), str(race)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--report-dir" in err
+    assert not (probe / "report.md").exists()
+    assert main(["race", "--collect", str(probe), str(tmp_path / "missing"), "--report-dir", str(out)]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
 def test_time_to_target_including_not_reached():
     assert time_to_target([{"seconds": 0.0, "forwards": 0, "dev": 0.5},
                            {"seconds": 3.0, "forwards": 6, "dev": 0.75}], 0.7) == (3.0, 6)

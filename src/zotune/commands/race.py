@@ -28,6 +28,7 @@ examples:
   zotune race --suite superglue-1k --budget-preset full --optimizers zosgd,hizoo --output-dir runs/sg \\
               --print-commands > cells.sh        # one command per cell, for a job array
   zotune race --collect runs/sg                  # the report from finished directories
+  zotune race --collect runs/probe runs/race --report-dir runs/all   # several races in one report
 """
 
 
@@ -73,8 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "peak memory is then the race's, not each cell's)")
     parser.add_argument("--print-commands", action="store_true",
                         help="print one `zotune train` command per cell and exit (nothing runs)")
-    parser.add_argument("--collect", metavar="DIR", help="only build the report from the finished runs under DIR")
-    parser.add_argument("--report-dir", help="where --collect writes the report (default: DIR)")
+    parser.add_argument("--collect", metavar="DIR", nargs="+",
+                        help="only build the report from the finished runs under DIR (several: one report "
+                             "of them all, e.g. a probe and its race; a run found twice counts once)")
+    parser.add_argument("--report-dir", help="where --collect writes the report (default: DIR; needed for several)")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -119,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.collect:
         target = _target(args.target)
-        summary = write_report(Path(args.collect), Path(args.report_dir) if args.report_dir else None, target)
-        where = args.report_dir or args.collect
+        summary = write_report([Path(d) for d in args.collect], Path(args.report_dir) if args.report_dir else None,
+                               target)
+        where = args.report_dir or args.collect[0]
         print(f"zotune race: report of {len(summary['rows'])} rows in {where}/report.md", file=sys.stderr)
         return 0
     if not args.output_dir:

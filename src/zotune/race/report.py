@@ -1,7 +1,8 @@
 """The race report from finished ``zotune train`` directories: markdown, JSON, CSV and a PNG.
 
 Everything is read from the run directories (``results.json``, ``metrics.jsonl``), so the
-report can be built wherever the cells ran (``zotune race --collect DIR``).
+report can be built wherever the cells ran (``zotune race --collect DIR [DIR ...]``: the runs
+of several races, e.g. a probe and the race that used its lrs, in one report).
 
 * **lr choice.** For each task x tuning mode x optimizer, the lr with the best mean *dev*
   metric over seeds wins; its *test* metric is reported (mean +- sample std over seeds). A
@@ -24,7 +25,7 @@ import csv
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,33 +86,53 @@ def read_cell(directory: Path) -> dict[str, Any]:
     }
 
 
-def find_cells(root: Path) -> list[dict[str, Any]]:
-    """Every finished run directory under ``root`` (any depth), in a stable order.
+def _roots(roots: Path | Sequence[Path]) -> list[Path]:
+    return [roots] if isinstance(roots, Path) else list(roots)
+
+
+def _where(roots: list[Path]) -> str:
+    return " ".join(str(r) for r in roots)
+
+
+def _files(roots: list[Path], name: str) -> list[Path]:
+    """The files called ``name`` under the roots, each once (a root inside another is read once)."""
+    seen: dict[Path, Path] = {}
+    for root in roots:
+        for path in sorted(root.rglob(name)):
+            seen.setdefault(path.resolve(), path)
+    return list(seen.values())
+
+
+def find_cells(roots: Path | Sequence[Path]) -> list[dict[str, Any]]:
+    """Every finished run directory under ``roots`` (any depth), in a stable order.
 
     A run found twice (a probe's cell copied into the race that reuses it, a zero-shot cell of each
     of several races: same task, method, mode, lr and seed, same results) counts once; the same
     cell with other results (another budget, other data settings) is refused, as it would be
     averaged in as one more seed.
     """
-    if not root.is_dir():
-        raise UserError(f"--collect {root}: no such directory")
+    roots = _roots(roots)
+    for root in roots:
+        if not root.is_dir():
+            raise UserError(f"--collect {root}: no such directory")
     cells: list[dict[str, Any]] = []
     seen: dict[tuple, tuple[Path, tuple]] = {}
-    for path in sorted(root.rglob("results.json")):
+    for path in _files(roots, "results.json"):
         cell = read_cell(path.parent)
         key = tuple(cell[k] for k in ("task", "kind", "optimizer", "peft", "lr", "seed", "demonstrations"))
         outcome = tuple(cell[k] for k in ("dev", "test", "steps", "forwards"))
         if key in seen:
             first, first_outcome = seen[key]
             if outcome != first_outcome:
-                raise UserError(f"--collect {root}: {path.parent} and {first} are the same cell ({cell['task']}, "
-                                f"{cell['optimizer']}, lr {cell['lr']}, seed {cell['seed']}) with other results "
+                raise UserError(f"--collect {_where(roots)}: {path.parent} and {first} are the same cell "
+                                f"({cell['task']}, {cell['optimizer']}, lr {cell['lr']}, seed {cell['seed']}) "
+                                "with other results "
                                 "(another budget or data?); collect them separately")
             continue
         seen[key] = (path.parent, outcome)
         cells.append(cell)
     if not cells:
-        raise UserError(f"--collect {root}: no finished runs (results.json) under it")
+        raise UserError(f"--collect {_where(roots)}: no finished runs (results.json) under it")
     return cells
 
 
@@ -289,11 +310,11 @@ def markdown(summary: dict[str, Any], cells: list[dict[str, Any]], expected: lis
     return "\n".join(lines) + "\n"
 
 
-def cell_cpu_seconds(root: Path) -> dict[str, float]:
-    """CPU seconds (user + sys) per cell from the timing.jsonl files under ``root`` (summed over a
+def cell_cpu_seconds(roots: Path | Sequence[Path]) -> dict[str, float]:
+    """CPU seconds (user + sys) per cell from the timing.jsonl files under ``roots`` (summed over a
     resumed cell's runs)."""
     out: dict[str, float] = {}
-    for path in sorted(root.rglob("timing.jsonl")):  # --collect over several races: each has its own
+    for path in _files(_roots(roots), "timing.jsonl"):  # --collect over several races: each has its own
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -307,20 +328,27 @@ CSV_FIELDS = ("name", "task", "kind", "optimizer", "peft", "lr", "seed", "demons
               "forwards", "train_seconds", "peak_memory_mb", "cpu_seconds")
 
 
-def write_report(root: Path, output: Path | None = None, target: str | float | None = None) -> dict[str, Any]:
-    """Collect the runs under ``root``; write report.md, summary.json, cells.csv, race.png into ``output``."""
-    output = output or root
-    cells = find_cells(root)
-    races: dict[Path, dict[str, Any]] = {}  # every race.json under root (--collect of several races' parent)
-    for path in sorted(root.rglob("race.json")):
+def write_report(roots: Path | Sequence[Path], output: Path | None = None,
+                 target: str | float | None = None) -> dict[str, Any]:
+    """Collect the runs under ``roots``; write report.md, summary.json, cells.csv, race.png into ``output``.
+
+    ``output`` defaults to the directory when there is one; several directories need it.
+    """
+    roots = _roots(roots)
+    if output is None and len(roots) > 1:
+        raise UserError("--collect of several directories: say where the report goes with --report-dir")
+    output = output or roots[0]
+    cells = find_cells(roots)
+    races: dict[Path, dict[str, Any]] = {}  # every race.json under the roots (--collect of several races)
+    for path in _files(roots, "race.json"):
         try:
             races[path] = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-    info = races.get(root / "race.json", {})
+    info = races.get(roots[0] / "race.json", {}) if len(roots) == 1 else {}
     if target is None:
         target = info.get("spec", {}).get("target", "zosgd")
-    cpu = cell_cpu_seconds(root)
+    cpu = cell_cpu_seconds(roots)
     for c in cells:
         c["cpu_seconds"] = cpu.get(c["name"])
     lr_probe: dict[str, Any] = {}
