@@ -287,6 +287,10 @@ def test_lr_from_a_probe_per_optimizer_and_mode(tmp_path, capsys):
                            ("lora", "zoadam", "0.007"), ("full", "zoadam", "0.007")]])
     assert main([*race, "--optimizers", "zosgd:layer_fraction=0.5", "--peft", "lora"]) == 0
     assert "--lr 0.002" in capsys.readouterr().out
+    # a method the probe never raced is fine when it has an lr of its own
+    assert main([*race, "--optimizers", "zosgd,fzoo", "--peft", "lora", "--lr", "fzoo=5e-2"]) == 0
+    assert sorted(re.findall(r"--optimizer (\S+) .*--lr (\S+)", capsys.readouterr().out)) == \
+        sorted([("zosgd", "0.001"), ("fzoo", "0.05")] * 2)
     # the probe's evidence travels with the spec (race.json) for the rows it chose, not for --lr's
     from zotune.cli import build_parser
     from zotune.commands.race import spec_from_args

@@ -106,11 +106,9 @@ def spec_from_args(args: argparse.Namespace):
              "train": {**(file_values.get("train") or {}), **train} if train else None}
     spec = build_spec(file_values, flags)
     if args.lr_from:  # an explicit --lr (or the YAML's lr:) of an optimizer wins over the probe's
-        from zotune.race.grid import lrs_from_probe, normalize_name
+        from zotune.race.grid import lrs_from_probe
 
-        given = {normalize_name(k) for k in spec.lr}
-        chosen, evidence = lrs_from_probe(spec, Path(args.lr_from))
-        probe = {k: v for k, v in chosen.items() if normalize_name(k) not in given}
+        probe, evidence = lrs_from_probe(spec, Path(args.lr_from))  # only the optimizers without an lr
         spec.lr = {**probe, **spec.lr}
         spec.lr_probe = {key: v for name in probe for key, v in evidence[name].items()}
     return spec

@@ -177,7 +177,8 @@ def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, li
     spec: {"method|mode": {source, task, dev_by_lr, lr_edge, seeds}}}`` (for :attr:`RaceSpec.lr_probe`).
     ``source`` is that race's directory or its summary.json. A method the probe chose different lrs
     for on different tasks is refused (race those tasks separately); a probe on one task gives its
-    lr to every task (MeZO's protocol tunes on one)."""
+    lr to every task (MeZO's protocol tunes on one). An optimizer with an lr of its own in ``spec.lr``
+    is not looked up (the probe need not have raced it)."""
     import json
 
     from zotune.race.report import optimizer_label
@@ -192,7 +193,10 @@ def lrs_from_probe(spec: RaceSpec, source: Path) -> tuple[dict[str, dict[str, li
         raise UserError(f"--lr-from {path}: not a race summary ({e})") from None
     lrs_out: dict[str, dict[str, list[float]]] = {}
     evidence: dict[str, dict[str, dict[str, Any]]] = {}
+    given = {normalize_name(k) for k in spec.lr}
     for name in spec.optimizers:
+        if normalize_name(name) in given:
+            continue
         entry = optimizer_entry(name)
         label = optimizer_label(entry.cls.__name__, entry.args)
         for mode in spec.peft:
