@@ -14,6 +14,9 @@
 # sessions; one seed for most); any other mode spans 10x, 100x and 1000x each method's default
 # lr of the mode (its lr_by_mode); PROBE_LR overrides both, e.g. PROBE_LR=x10,x100,x1000:
 #   PEFT=lora DEVICE=cuda JOBS=8 RUNS=runs/race13-lora scripts/race_new_methods.sh
+# In top:2, full and lora the probe and the race also run first-order AdamW (backprop, the same loop):
+# the ceiling of what the task can give in the budget (on RTE at 135M: dev +0.06 in 200 steps,
+# docs/race.md sixth session); FIRST_ORDER=0 leaves it out.
 set -euo pipefail
 RUNS=${RUNS:-runs/race13}
 read -ra ZOTUNE <<< "${ZOTUNE:-zotune}"  # a command of several words, e.g. "python3 -m zotune"
@@ -31,17 +34,23 @@ if [ "$PEFT" = "top:2" ]; then  # the grids reported in docs/race.md (both sessi
   --lr fzoo=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --lr sparse-mezo=1e-4,3e-4,1e-3,3e-3 --lr dizo=1e-4,3e-4,1e-3,3e-3 \
   --lr lozo=3e-4,1e-3,3e-3 --lr lozo-m=3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --lr subzero=3e-4,1e-3,3e-3 \
   --lr zo-muon=1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1,3 --lr zosgd:layer_fraction=0.34=3e-4,1e-3,3e-3)
+  FO_LR=1e-5,1e-4,1e-3,3e-3
 elif [ -z "${PROBE_LR:-}" ] && [ "$PEFT" = "full" ]; then  # around the CPU's full-mode lrs (SST-2, seed 13)
   PROBE=(--lr zosgd=1e-5,3e-5,1e-4 --lr zoadam=3e-4,1e-3,3e-3 --lr fzoo=3e-3,1e-2,3e-2 \
   --lr sparse-mezo=1e-5,3e-5,1e-4 --lr dizo=1e-5,3e-5,1e-4 --lr lozo=1e-5,3e-5,1e-4 --lr lozo-m=1e-6,3e-6,1e-5 \
   --lr subzero=1e-5,3e-5,1e-4 --lr zo-muon=0.1,0.3,1 --lr zosgd:layer_fraction=0.34=1e-5,3e-5,1e-4)
+  FO_LR=1e-6,1e-5,1e-4  # not measured here (AdamW full fine-tuning: MeZO's FT grid is 1e-5 to 5e-5)
 elif [ -z "${PROBE_LR:-}" ] && [ "$PEFT" = "lora" ]; then  # around the CPU's LoRA lrs (SST-2)
   PROBE=(--lr zosgd=1.5e-3,5e-3,1.5e-2 --lr zoadam=3e-3,1e-2,3e-2 --lr fzoo=1.5e-2,5e-2,1.5e-1 \
   --lr sparse-mezo=1.5e-3,5e-3,1.5e-2 --lr dizo=5e-4,1.5e-3,5e-3 --lr lozo=1.5e-3,5e-3,1.5e-2 \
   --lr lozo-m=1.5e-4,5e-4,1.5e-3 --lr subzero=1.5e-3,5e-3,1.5e-2 --lr zo-muon=0.1,0.3,1 \
   --lr zosgd:layer_fraction=0.34=1.5e-3,5e-3,1.5e-2)
+  FO_LR=1e-4,1e-3,1e-2  # not measured here
 else
   PROBE=(--lr "*=${PROBE_LR:-x10,x100,x1000}")
+fi
+if [ "${FIRST_ORDER:-1}" != 0 ] && [ -n "${FO_LR:-}" ]; then
+  METHODS=$METHODS,adamw; MAIN=$MAIN,adamw; PROBE+=(--lr "adamw=$FO_LR")
 fi
 "${ZOTUNE[@]}" race --tasks sst2 --seeds 13 --forwards 200 --eval-every 0 "${COMMON[@]}" --optimizers "$METHODS" \
   "${PROBE[@]}" --output-dir "$RUNS/probe"
