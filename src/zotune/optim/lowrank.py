@@ -124,7 +124,8 @@ def low_rank_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cpu":
         return a @ b
     # b's rows must be contiguous: a transposed factor (V^T) makes every pass a strided read that
-    # the elementwise kernels do not vectorise (6x slower for SubZero's rank 24); the copy is r x n
+    # the elementwise kernels do not vectorise (6x slower for SubZero's rank 24). A no-op for the
+    # step's factors (MatrixZO stores them contiguous); other callers' B costs an r x n copy
     b = b.contiguous()
     out = a[:, :1] * b[:1]
     for k in range(1, a.shape[1]):
@@ -208,12 +209,13 @@ class MatrixZO(ZOOptimizer):
         for seed in seeds:
             if seed in self._factors:
                 continue
+            factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             with single_threaded():
-                self._factors[seed] = {
-                    slot.index: self.factors(slot.param, slot.index, seed)
-                    for slot in self.active_slots()  # with layer_fraction < 1: this step's layers only
-                    if self.is_matrix(slot.param)
-                }
+                for slot in self.active_slots():  # with layer_fraction < 1: this step's layers only
+                    if self.is_matrix(slot.param):
+                        a, b = self.factors(slot.param, slot.index, seed)
+                        factors[slot.index] = a, b.contiguous()  # once per step, not per block (V^T is a view)
+            self._factors[seed] = factors
 
     def _displace(self, seed: int, coef) -> None:
         self._ensure_factors([seed])

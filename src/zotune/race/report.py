@@ -126,8 +126,7 @@ def find_cells(roots: Path | Sequence[Path]) -> list[dict[str, Any]]:
             if outcome != first_outcome:
                 raise UserError(f"--collect {_where(roots)}: {path.parent} and {first} are the same cell "
                                 f"({cell['task']}, {cell['optimizer']}, lr {cell['lr']}, seed {cell['seed']}) "
-                                "with other results "
-                                "(another budget or data?); collect them separately")
+                                "with other results (another budget or data?); collect them separately")
             continue
         seen[key] = (path.parent, outcome)
         cells.append(cell)
